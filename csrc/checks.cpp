@@ -1,0 +1,197 @@
+#include "checks.h"
+
+#include <sstream>
+
+#include "kernels/tree.h"
+
+namespace mtp_ext {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream out;
+  out << "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out << (i ? ", " : "") << t.size(i);
+  out << "]";
+  return out.str();
+}
+
+void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", s);
+}
+
+void check_index(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
+                   t.scalar_type());
+}
+
+void check_dims(const at::Tensor& t, int64_t dims, const char* layout, const char* op,
+                const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == dims, op, ": ", name, " must have ", dims, " dims ", layout,
+                    ", got shape ", shape_str(t));
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                       const char* name_a, const char* name_b) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " and ", name_b,
+                    " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+                const char* name, const char* what) {
+  TORCH_CHECK_VALUE(t.size(dim) == expected, op, ": ", name, " must have ", what, " = ", expected,
+                    " in dim ", dim, ", got shape ", shape_str(t));
+}
+
+void check_k(int64_t k, int64_t vocab, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= vocab, op, ": ", name, " must be in [1, V] = [1, ", vocab,
+                    "], got ", k);
+}
+
+void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature) {
+  const char* op = "mtp_ext.softmax_topk";
+  check_floating(logits, op, "logits");
+  TORCH_CHECK_VALUE(logits.dim() >= 1, op, ": logits must have at least 1 dim [..., V], got shape ",
+                    shape_str(logits));
+  check_k(k, logits.size(-1), op, "k");
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+}
+
+void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op) {
+  check_floating(next_logits, op, "next_logits");
+  check_floating(weights, op, "weights");
+  check_dims(next_logits, 3, "[B, L, V]", op, "next_logits");
+  check_dims(weights, 2, "[B, L]", op, "weights");
+  check_same_device(next_logits, weights, op, "next_logits", "weights");
+  TORCH_CHECK_VALUE(weights.size(0) == next_logits.size(0) && weights.size(1) == next_logits.size(1),
+                    op, ": weights must have shape [B, L] = [", next_logits.size(0), ", ",
+                    next_logits.size(1), "] to match next_logits, got ", shape_str(weights));
+  TORCH_CHECK_VALUE(next_logits.size(2) >= 1, op, ": next_logits must have V >= 1, got shape ",
+                    shape_str(next_logits));
+}
+
+void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
+                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* op = "mtp_ext.fused_mtp_heads";
+  check_floating(hidden, op, "hidden");
+  check_floating(weight, op, "weight");
+  check_floating(lm_head, op, "lm_head");
+  check_dims(hidden, 2, "[N, D]", op, "hidden");
+  check_dims(weight, 3, "[H, D, D]", op, "weight");
+  check_dims(lm_head, 2, "[V, D]", op, "lm_head");
+  const int64_t d = hidden.size(1);
+  check_size(weight, 1, d, op, "weight", "D");
+  check_size(weight, 2, d, op, "weight", "D");
+  check_size(lm_head, 1, d, op, "lm_head", "D");
+  check_same_device(hidden, weight, op, "hidden", "weight");
+  check_same_device(hidden, lm_head, op, "hidden", "lm_head");
+  if (bias.has_value()) {
+    check_floating(*bias, op, "bias");
+    check_dims(*bias, 2, "[H, D]", op, "bias");
+    check_size(*bias, 0, weight.size(0), op, "bias", "H");
+    check_size(*bias, 1, d, op, "bias", "D");
+    check_same_device(hidden, *bias, op, "hidden", "bias");
+  }
+  if (norm_weight.has_value()) {
+    check_floating(*norm_weight, op, "norm_weight");
+    check_dims(*norm_weight, 1, "[D]", op, "norm_weight");
+    check_size(*norm_weight, 0, d, op, "norm_weight", "D");
+    check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
+  }
+  check_k(k, lm_head.size(0), op, "k");
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+void check_parents_shape(const at::Tensor& parents, const char* op) {
+  check_index(parents, op, "parents");
+  TORCH_CHECK_VALUE(parents.dim() == 1 || parents.dim() == 2, op,
+                    ": parents must have 1 dim [T] or 2 dims [B, T], got shape ",
+                    shape_str(parents));
+}
+
+void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                       const at::Tensor& target_logits, double temperature, int64_t top_k,
+                       double top_p, const c10::optional<at::Tensor>& uniforms) {
+  const char* op = "mtp_ext.verify_tree";
+  check_index(draft_tokens, op, "draft_tokens");
+  check_dims(draft_tokens, 2, "[B, T]", op, "draft_tokens");
+  check_parents_shape(parents, op);
+  check_floating(target_logits, op, "target_logits");
+  check_dims(target_logits, 3, "[B, T, V]", op, "target_logits");
+  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1);
+  TORCH_CHECK_VALUE(t >= 1, op, ": draft_tokens must have T >= 1 (the root), got shape ",
+                    shape_str(draft_tokens));
+  TORCH_CHECK_VALUE(parents.size(-1) == t && (parents.dim() == 1 || parents.size(0) == b), op,
+                    ": parents must have shape [T] = [", t, "] or [B, T] = [", b, ", ", t,
+                    "], got ", shape_str(parents));
+  TORCH_CHECK_VALUE(target_logits.size(0) == b && target_logits.size(1) == t, op,
+                    ": target_logits must have shape [B, T, V] with [B, T] = [", b, ", ", t,
+                    "], got ", shape_str(target_logits));
+  TORCH_CHECK_VALUE(target_logits.size(2) >= 1, op, ": target_logits must have V >= 1, got shape ",
+                    shape_str(target_logits));
+  check_same_device(draft_tokens, parents, op, "draft_tokens", "parents");
+  check_same_device(draft_tokens, target_logits, op, "draft_tokens", "target_logits");
+  TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0 keeps all), got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
+  if (temperature > 0) {
+    TORCH_CHECK_VALUE(uniforms.has_value(), op,
+                      ": uniforms [B, T] are required when temperature > 0 (got None)");
+  }
+  if (uniforms.has_value()) {
+    check_floating(*uniforms, op, "uniforms");
+    TORCH_CHECK_VALUE(uniforms->dim() == 2 && uniforms->size(0) == b && uniforms->size(1) == t, op,
+                      ": uniforms must have shape [B, T] = [", b, ", ", t, "], got ",
+                      shape_str(*uniforms));
+    check_same_device(draft_tokens, *uniforms, op, "draft_tokens", "uniforms");
+  }
+}
+
+void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
+                      const at::Tensor& num_accepted, int64_t prefix_len) {
+  const char* op = "mtp_ext.compact_kv";
+  check_dims(cache, 4, "[B, heads, S, head_dim]", op, "cache");
+  check_index(path, op, "path");
+  check_index(num_accepted, op, "num_accepted");
+  check_dims(path, 2, "[B, T]", op, "path");
+  check_dims(num_accepted, 1, "[B]", op, "num_accepted");
+  check_size(path, 0, cache.size(0), op, "path", "B");
+  check_size(num_accepted, 0, cache.size(0), op, "num_accepted", "B");
+  check_same_device(cache, path, op, "cache", "path");
+  check_same_device(cache, num_accepted, op, "cache", "num_accepted");
+  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
+  TORCH_CHECK_VALUE(prefix_len + path.size(1) <= cache.size(2), op,
+                    ": the tree must fit in the cache: prefix_len + T = ", prefix_len + path.size(1),
+                    " > S = ", cache.size(2), " (cache shape ", shape_str(cache), ")");
+}
+
+void check_tree_values(const at::Tensor& parents, const char* op) {
+  const int64_t t = parents.size(-1);
+  const int64_t rows = parents.dim() == 2 ? parents.size(0) : 1;
+  const int64_t* p = parents.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t bad = kernels::first_invalid_parent(p + r * t, t);
+    if (bad < 0) continue;
+    if (bad == 0) {
+      TORCH_CHECK_VALUE(false, op, ": parents must be a tree rooted at node 0: parents[",
+                        (parents.dim() == 2 ? std::to_string(r) + ", " : std::string()),
+                        "0] must be -1, got ", p[r * t]);
+    }
+    TORCH_CHECK_VALUE(false, op, ": parents must satisfy 0 <= parents[i] < i, got parents[",
+                      (parents.dim() == 2 ? std::to_string(r) + ", " : std::string()), bad,
+                      "] = ", p[r * t + bad]);
+  }
+}
+
+void check_nonnegative(const at::Tensor& weights, const char* op, const char* name) {
+  if (weights.numel() == 0) return;
+  const at::Tensor bad = (weights < 0) | weights.isnan();
+  if (bad.any().item<bool>()) {
+    const int64_t flat = bad.flatten().nonzero().select(0, 0).item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": ", name, " must be non-negative, got ",
+                      weights.flatten().select(0, flat).item<double>(), " at flat index ", flat);
+  }
+}
+
+}  // namespace mtp_ext

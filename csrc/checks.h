@@ -1,0 +1,39 @@
+// Argument checks shared by the CPU and CUDA launchers. Each message names the op, the argument,
+// what was expected and what came. Value problems raise ValueError, dtype problems TypeError.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace mtp_ext {
+
+std::string shape_str(const at::Tensor& t);
+
+void check_floating(const at::Tensor& t, const char* op, const char* name);
+void check_index(const at::Tensor& t, const char* op, const char* name);
+void check_dims(const at::Tensor& t, int64_t dims, const char* layout, const char* op,
+                const char* name);
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name_a,
+                       const char* name_b);
+void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+                const char* name, const char* what);
+void check_k(int64_t k, int64_t vocab, const char* op, const char* name);
+
+void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature);
+void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op);
+void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
+                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps);
+void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                       const at::Tensor& target_logits, double temperature, int64_t top_k,
+                       double top_p, const c10::optional<at::Tensor>& uniforms);
+void check_parents_shape(const at::Tensor& parents, const char* op);
+void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
+                      const at::Tensor& num_accepted, int64_t prefix_len);
+
+// Host-side value checks (read the tensors; CPU launchers only).
+void check_tree_values(const at::Tensor& parents_cpu_contiguous, const char* op);
+void check_nonnegative(const at::Tensor& weights, const char* op, const char* name);
+
+}  // namespace mtp_ext

@@ -1,0 +1,62 @@
+// Small dense products on the host: out[r, j] = sum_d a[r, d] * b[j, d] for a few rows of `a`
+// (activations) against a block of rows of `b` (a weight matrix in nn.Linear layout), register-tiled
+// so each loaded vector of `b` serves several rows of `a`. Uses GCC/Clang vector extensions, which
+// become AVX2/FMA (or SSE) instructions depending on the target flags.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "simd.h"
+
+namespace mtp_ext {
+namespace kernels {
+
+// Tile of RA rows of a by RB rows of b; both row-major with leading dims lda / ldb; out has ldo.
+template <int RA, int RB>
+inline void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                     float* out, int64_t ldo) {
+  v8f acc[RA][RB];
+  for (int i = 0; i < RA; ++i)
+    for (int j = 0; j < RB; ++j) acc[i][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= depth; d += 8) {
+    v8f bv[RB];
+    for (int j = 0; j < RB; ++j) bv[j] = load8(b + j * ldb + d);
+    for (int i = 0; i < RA; ++i) {
+      const v8f av = load8(a + i * lda + d);
+      for (int j = 0; j < RB; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < RA; ++i) {
+    for (int j = 0; j < RB; ++j) {
+      float s = hsum8(acc[i][j]);
+      for (int64_t t = d; t < depth; ++t) s += a[i * lda + t] * b[j * ldb + t];
+      out[i * ldo + j] = s;
+    }
+  }
+}
+
+// out[rows_a, rows_b] (leading dim ldo) = a[rows_a, depth] . b[rows_b, depth]^T.
+inline void dot_rows(const float* a, int64_t lda, int64_t rows_a, const float* b, int64_t ldb,
+                     int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
+  constexpr int kA = 4, kB = 3;
+  int64_t j = 0;
+  for (; j + kB <= rows_b; j += kB) {
+    int64_t i = 0;
+    for (; i + kA <= rows_a; i += kA)
+      dot_tile<kA, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+    for (; i < rows_a; ++i)
+      dot_tile<1, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+  }
+  for (; j < rows_b; ++j) {
+    int64_t i = 0;
+    for (; i + kA <= rows_a; i += kA)
+      dot_tile<kA, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+    for (; i < rows_a; ++i)
+      dot_tile<1, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+  }
+}
+
+}  // namespace kernels
+}  // namespace mtp_ext

@@ -1,0 +1,85 @@
+// Choosing the target token of one row of logits on the host: argmax, or inverse-CDF sampling after
+// temperature, top-k and top-p (the definition is mtp_ext.reference.target_tokens).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "ranking.h"
+#include "softmax_math.h"
+#include "topk.h"
+
+namespace mtp_ext {
+namespace kernels {
+
+// Index of the highest-ranked value of x[0..n) (NaN first, ties toward the lower index).
+inline int64_t argmax_row(const float* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) {
+    if (ranks_above(x[i], x[best])) best = i;
+  }
+  return best;
+}
+
+struct SamplingScratch {
+  std::vector<float> prob;
+  std::vector<int64_t> kept;
+  TopK top;
+};
+
+// Inverse-CDF sample from softmax(x / temperature) restricted by top_k (0: all) and top_p, with the
+// uniform u in [0, 1). x has n > 0 float32 values. Masses are summed in double: over a large
+// vocabulary a float32 running sum loses the tail and moves the top-p boundary.
+inline int64_t sample_row(const float* x, int64_t n, float temperature, int64_t top_k, float top_p,
+                          float u, SamplingScratch& s) {
+  const float scale = 1.0f / temperature;
+  const float max = block_max(x, n);
+  s.prob.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) s.prob[i] = exp_nonpositive((x[i] - max) * scale);
+
+  const bool all_kept = (top_k <= 0 || top_k >= n) && top_p >= 1.0f;
+  if (all_kept) {
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) total += s.prob[i];
+    const double threshold = u * total;
+    double cum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += s.prob[i];
+      if (cum > threshold) return i;
+    }
+    return n - 1;
+  }
+
+  // Rank (by logit) the candidates that top-k allows, best first.
+  s.top.reset(top_k > 0 && top_k < n ? top_k : n);
+  s.top.push_block(x, n, 0);
+  std::vector<Candidate> ranked = s.top.take_sorted();
+  int64_t keep = static_cast<int64_t>(ranked.size());
+  if (top_p < 1.0f) {
+    double mass = 0.0;
+    for (const Candidate& c : ranked) mass += s.prob[c.id];
+    double before = 0.0;
+    int64_t j = 0;
+    for (; j < keep; ++j) {
+      if (j > 0 && !(before < top_p)) break;
+      before += s.prob[ranked[j].id] / mass;
+    }
+    keep = j;
+  }
+  s.kept.resize(static_cast<size_t>(keep));
+  for (int64_t j = 0; j < keep; ++j) s.kept[j] = ranked[j].id;
+  std::sort(s.kept.begin(), s.kept.end());
+  double total = 0.0;
+  for (int64_t id : s.kept) total += s.prob[id];
+  const double threshold = u * total;
+  double cum = 0.0;
+  for (int64_t id : s.kept) {
+    cum += s.prob[id];
+    if (cum > threshold) return id;
+  }
+  return s.kept.back();
+}
+
+}  // namespace kernels
+}  // namespace mtp_ext

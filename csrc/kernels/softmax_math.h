@@ -1,0 +1,100 @@
+// Vectorizable float32 building blocks for softmax-style reductions over blocks of a row.
+// Written as plain loops over fixed lanes so the compiler emits SIMD code for the target ISA.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+#include "simd.h"
+
+namespace mtp_ext {
+namespace kernels {
+
+// exp(x) for x <= 0 with about 2 ulp error; 0 for x below -87.3 (and for -inf); NaN stays NaN.
+inline float exp_nonpositive(float x) { return exp8_nonpositive(splat8(x))[0]; }
+
+// Largest value of x[0..n) ignoring NaN; -inf when there is none.
+inline float block_max(const float* x, int64_t n) {
+  v8f lane = splat8(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const v8f v = load8(x + i);
+    lane = v > lane ? v : lane;
+  }
+  float m = hmax8(lane);
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+// sum_i exp((x[i] - max) * scale); NaN if any x is NaN.
+inline float block_sum_exp(const float* x, int64_t n, float max, float scale) {
+  v8f acc0 = splat8(0.0f), acc1 = splat8(0.0f);
+  const v8f vmax = splat8(max), vscale = splat8(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += exp8_nonpositive((load8(x + i) - vmax) * vscale);
+    acc1 += exp8_nonpositive((load8(x + i + 8) - vmax) * vscale);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += exp8_nonpositive((load8(x + i) - vmax) * vscale);
+  float s = hsum8(acc0 + acc1);
+  for (; i < n; ++i) s += exp_nonpositive((x[i] - max) * scale);
+  return s;
+}
+
+// out[i] += weight * exp((x[i] - max) * scale)
+inline void block_add_scaled_exp(const float* x, int64_t n, float max, float scale, float weight,
+                                 float* out) {
+  const v8f vmax = splat8(max), vscale = splat8(scale), vw = splat8(weight);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    store8(out + i, load8(out + i) + vw * exp8_nonpositive((load8(x + i) - vmax) * vscale));
+  for (; i < n; ++i) out[i] += weight * exp_nonpositive((x[i] - max) * scale);
+}
+
+// Streaming softmax statistics of a row: sum = sum_i exp((x_i - max) * scale).
+struct SoftmaxStats {
+  float max = -std::numeric_limits<float>::infinity();
+  float sum = 0.0f;
+
+  // Adds a block whose maximum (ignoring NaN) is block_max.
+  void add_block(const float* x, int64_t n, float bmax, float scale) {
+    if (bmax > max) {
+      sum = sum == 0.0f ? 0.0f : sum * exp_nonpositive((max - bmax) * scale);
+      max = bmax;
+    }
+    if (max == -std::numeric_limits<float>::infinity()) {
+      // Every value so far is -inf (or NaN): only NaN contributes, as NaN.
+      for (int64_t i = 0; i < n; ++i)
+        if (x[i] != x[i]) sum = x[i];
+      return;
+    }
+    sum += block_sum_exp(x, n, max, scale);
+  }
+
+  void merge(const SoftmaxStats& other, float scale) {
+    if (other.max > max) {
+      sum = (sum == 0.0f ? 0.0f : sum * exp_nonpositive((max - other.max) * scale)) + other.sum;
+      max = other.max;
+    } else if (other.sum != 0.0f || other.sum != other.sum) {
+      sum += other.max == max ? other.sum : other.sum * exp_nonpositive((other.max - max) * scale);
+    }
+  }
+
+  // log of the normalizer of softmax(x * scale): max * scale + log(sum).
+  float log_normalizer(float scale) const { return max * scale + std::log(sum); }
+};
+
+// Loads n elements at stride into a float buffer.
+template <typename T>
+inline void load_block(const T* src, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i * stride]);
+  }
+}
+
+}  // namespace kernels
+}  // namespace mtp_ext

@@ -1,0 +1,36 @@
+"""mtp_ext: C++/CUDA PyTorch ops for multi-token prediction (MTP) decoding.
+
+Importing the package registers the ``torch.ops.mtp_ext`` ops (CPU kernels always, CUDA kernels when
+the extension was built with them). The typed wrappers are in :mod:`mtp_ext.ops`; the plain-PyTorch
+definitions in :mod:`mtp_ext.reference`.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import ops, reference
+from .ops import (
+    compact_kv,
+    fused_mtp_heads,
+    marginalize,
+    softmax_topk,
+    topk_marginalize,
+    tree_attention_mask,
+    verify_tree,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ops",
+    "reference",
+    "softmax_topk",
+    "marginalize",
+    "topk_marginalize",
+    "fused_mtp_heads",
+    "verify_tree",
+    "tree_attention_mask",
+    "compact_kv",
+    "__version__",
+]

@@ -1,0 +1,33 @@
+"""What this installation of mtp_ext was built with and which backends each op has."""
+
+from __future__ import annotations
+
+import torch
+
+from . import __version__, ops
+
+OP_NAMES = [name for name in ops.__all__]
+
+
+def backends(op_name: str) -> list[str]:
+    """Dispatch keys with a kernel for ``torch.ops.mtp_ext.<op_name>`` among CPU, CUDA and Meta."""
+    qualified = f"mtp_ext::{op_name}"
+    found = []
+    for key in ("CPU", "CUDA", "Meta"):
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
+            found.append(key)
+    return found
+
+
+def info_text() -> str:
+    """A human-readable report: versions, build, devices and per-op backends."""
+    lines = [
+        f"mtp_ext {__version__}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"CUDA device available: {torch.cuda.is_available()}",
+        "ops (backends with a kernel; Meta = fake for torch.compile):",
+    ]
+    width = max(len(n) for n in OP_NAMES)
+    for name in OP_NAMES:
+        lines.append(f"  {name:<{width}}  {', '.join(backends(name)) or 'none'}")
+    return "\n".join(lines)

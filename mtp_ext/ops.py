@@ -1,0 +1,240 @@
+"""Typed public wrappers of the ``torch.ops.mtp_ext`` ops, and their fakes for ``torch.compile``.
+
+Each wrapper takes the same arguments as the dispatcher op and documents its contract. The
+definition of each op is its function in :mod:`mtp_ext.reference`; the kernels are in ``csrc/``.
+
+Common rules: floating inputs may be float32, float16 or bfloat16 and are accumulated in float32;
+returned probabilities are float32 and ids int64; rankings are by value descending with ties
+toward the lower token id (NaN ranks first); fixed-shape outputs are padded with -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the schemas and the CPU/CUDA kernels)
+
+__all__ = [
+    "softmax_topk",
+    "marginalize",
+    "topk_marginalize",
+    "fused_mtp_heads",
+    "verify_tree",
+    "tree_attention_mask",
+    "compact_kv",
+]
+
+_ops = torch.ops.mtp_ext
+
+
+def softmax_topk(
+    logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of ``softmax(logits / temperature)`` in one pass over the logits.
+
+    Args:
+        logits: ``[..., V]`` float32, float16 or bfloat16 (any strides).
+        k: number of entries to return, ``1 <= k <= V``.
+        temperature: softmax temperature, ``> 0``.
+    Returns:
+        ``probs[..., k]`` float32, descending, and ``ids[..., k]`` int64 (ties toward the lower id).
+    """
+    return _ops.softmax_topk(logits, k, temperature)
+
+
+def marginalize(
+    next_logits: torch.Tensor, weights: torch.Tensor, renormalize: bool = True
+) -> torch.Tensor:
+    """Marginal next-next-token distribution over ``L`` intermediate tokens (or paths).
+
+    ``q[b] = sum_l w[b, l] * softmax(next_logits[b, l])`` with ``w = weights / weights.sum(-1)``
+    when ``renormalize`` (an all-zero row then gives zeros).
+
+    Args:
+        next_logits: ``[B, L, V]`` float32, float16 or bfloat16.
+        weights: ``[B, L]`` floating, non-negative (the intermediate tokens' probabilities, or the
+            products of probabilities along each path for t+K).
+        renormalize: normalize ``weights`` per row first.
+    Returns:
+        ``probs[B, V]`` float32.
+    """
+    return _ops.marginalize(next_logits, weights, renormalize)
+
+
+def topk_marginalize(
+    next_logits: torch.Tensor, weights: torch.Tensor, m: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``m`` of :func:`marginalize`, fused: the ``[B, V]`` marginal is never written to memory.
+
+    Args:
+        next_logits: ``[B, L, V]`` float32, float16 or bfloat16.
+        weights: ``[B, L]`` floating, non-negative.
+        m: ``1 <= m <= V``.
+        renormalize: normalize ``weights`` per row first.
+    Returns:
+        ``probs[B, m]`` float32, descending, and ``ids[B, m]`` int64.
+    """
+    return _ops.topk_marginalize(next_logits, weights, m, renormalize)
+
+
+def fused_mtp_heads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lm_head: torch.Tensor,
+    k: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H`` Medusa-style residual heads through the shared unembedding, top-``k`` per head.
+
+    Head ``h``: ``z = x + SiLU(x @ weight[h].T + bias[h])``; if ``norm_weight`` is given,
+    ``z = RMSNorm(z, eps) * norm_weight``; ``logits = z @ lm_head.T``; returns the top-``k``
+    log-softmax values and ids. All heads and rows share one pass over ``lm_head``, and the
+    ``[N, H, V]`` logits are never written.
+
+    Args:
+        hidden: ``[N, D]`` float32, float16 or bfloat16.
+        weight: ``[H, D, D]`` (``nn.Linear`` layout: output x input).
+        bias: ``[H, D]`` or None.
+        lm_head: ``[V, D]`` the model's output embedding.
+        k: ``1 <= k <= V``.
+        norm_weight: ``[D]`` or None (the model's final RMSNorm weight).
+        eps: RMSNorm epsilon.
+    Returns:
+        ``logprobs[N, H, k]`` float32, descending, and ``ids[N, H, k]`` int64.
+    """
+    return _ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps)
+
+
+def verify_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Verify a draft tree against the target model's logits (lossless speculative decoding).
+
+    Node 0 is the root (the last accepted token; its logits give the next token), ``parents[0] =
+    -1`` and ``0 <= parents[i] < i``. At node ``n`` the target token ``y_n`` is the argmax of
+    ``target_logits[b, n]`` when ``temperature == 0``; otherwise it is drawn by inverse CDF (kept
+    tokens in ascending id order) with ``uniforms[b, n]`` from ``softmax(target_logits[b, n] /
+    temperature)`` after top-k and top-p filtering (see :func:`mtp_ext.reference.target_tokens`).
+    From the root, the walk moves to the lowest-index child whose draft token equals ``y_n`` and
+    stops when there is none. Draft tokens outside ``[0, V)`` never match, so -1 can pad a tree.
+
+    Args:
+        draft_tokens: ``[B, T]`` int64.
+        parents: ``[T]`` or ``[B, T]`` int64.
+        target_logits: ``[B, T, V]`` float32, float16 or bfloat16.
+        temperature: ``>= 0``; 0 is greedy.
+        top_k: keep only the ``top_k`` most likely tokens when sampling (0 keeps all).
+        top_p: nucleus mass in ``(0, 1]`` when sampling.
+        uniforms: ``[B, T]`` floating in ``[0, 1)``; required when ``temperature > 0``.
+    Returns:
+        ``num_accepted[B]`` int64 (accepted draft nodes, root excluded); ``tokens[B, T]`` int64
+        (the accepted draft tokens then the bonus token, then -1); ``path[B, T]`` int64 (node
+        indices from the root to the last accepted node, then -1).
+    """
+    return _ops.verify_tree(
+        draft_tokens, parents, target_logits, temperature, top_k, top_p, uniforms
+    )
+
+
+def tree_attention_mask(
+    parents: torch.Tensor, prefix_len: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive tree attention mask and per-node depths.
+
+    Args:
+        parents: ``[T]`` or ``[B, T]`` int64 (``parents[0] = -1``, ``0 <= parents[i] < i``).
+        prefix_len: cached tokens before the tree, all visible to every node, ``>= 0``.
+        dtype: floating dtype of the mask.
+    Returns:
+        ``mask[..., T, prefix_len + T]`` of ``dtype`` (0 where node ``i`` may attend: the prefix,
+        itself and its ancestors; ``torch.finfo(dtype).min`` elsewhere) and
+        ``position_offsets[..., T]`` int64 (the node depths; position ids are
+        ``prefix_len + position_offsets``).
+    """
+    return _ops.tree_attention_mask(parents, prefix_len, dtype)
+
+
+def compact_kv(
+    cache: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor, prefix_len: int
+) -> torch.Tensor:
+    """Move the accepted path's key/value entries to the slots right after the prefix, in place.
+
+    For each row ``b`` and ``j = 0 .. num_accepted[b]``: ``cache[b, :, prefix_len + j] =
+    cache[b, :, prefix_len + path[b, j]]``. Call it once for the keys and once for the values of
+    each layer, then crop the cache to ``prefix_len + num_accepted + 1``.
+
+    Args:
+        cache: ``[B, heads, S, head_dim]`` any dtype; modified in place.
+        path: ``[B, T]`` int64 from :func:`verify_tree`.
+        num_accepted: ``[B]`` int64 from :func:`verify_tree`.
+        prefix_len: tokens before the tree, ``>= 0``.
+    Returns:
+        ``cache``.
+    """
+    _ops.compact_kv(cache, path, num_accepted, prefix_len)
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes (shape and dtype propagation for torch.compile / FakeTensor)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("mtp_ext::softmax_topk")
+def _softmax_topk_fake(logits, k, temperature=1.0):
+    shape = (*logits.shape[:-1], k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("mtp_ext::marginalize")
+def _marginalize_fake(next_logits, weights, renormalize=True):
+    return next_logits.new_empty((next_logits.shape[0], next_logits.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake("mtp_ext::topk_marginalize")
+def _topk_marginalize_fake(next_logits, weights, m, renormalize=True):
+    shape = (next_logits.shape[0], m)
+    return (
+        next_logits.new_empty(shape, dtype=torch.float32),
+        next_logits.new_empty(shape, dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("mtp_ext::fused_mtp_heads")
+def _fused_mtp_heads_fake(hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6):
+    shape = (hidden.shape[0], weight.shape[0], k)
+    return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("mtp_ext::verify_tree")
+def _verify_tree_fake(
+    draft_tokens, parents, target_logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None
+):
+    b, t = draft_tokens.shape
+    return (
+        draft_tokens.new_empty((b,), dtype=torch.long),
+        draft_tokens.new_empty((b, t), dtype=torch.long),
+        draft_tokens.new_empty((b, t), dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("mtp_ext::tree_attention_mask")
+def _tree_attention_mask_fake(parents, prefix_len, dtype=None):
+    t = parents.shape[-1]
+    mask = parents.new_empty(
+        (*parents.shape, prefix_len + t), dtype=torch.float32 if dtype is None else dtype
+    )
+    return mask, parents.new_empty(parents.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("mtp_ext::compact_kv")
+def _compact_kv_fake(cache, path, num_accepted, prefix_len):
+    return None

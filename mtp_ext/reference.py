@@ -1,0 +1,315 @@
+"""Plain-PyTorch references: the definition of every ``mtp_ext`` op.
+
+Each function here is the specification its C++ and CUDA kernels are tested against. They favour
+clarity over speed: full-vocabulary softmaxes, stable sorts and Python loops over trees.
+
+Shared conventions (see the op docstrings in :mod:`mtp_ext.ops`):
+
+* Floating inputs may be float32, float16 or bfloat16; everything is computed in float32.
+* Rankings ("top-k", "argmax") order by value descending, ties toward the lower token id, and NaN
+  ranks above every number (as ``torch.sort`` does).
+* Returned probabilities are float32, returned ids int64, padding is -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "stable_topk",
+    "softmax_topk",
+    "marginalize",
+    "topk_marginalize",
+    "fused_mtp_heads",
+    "head_features",
+    "target_tokens",
+    "walk_tree",
+    "verify_tree",
+    "tree_attention_mask",
+    "compact_kv",
+]
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` along the last dim, descending, ties toward the lower index, NaN first.
+
+    Args:
+        x: ``[..., V]`` any floating dtype.
+        k: ``0 <= k <= V``.
+    Returns:
+        ``(values[..., k], ids[..., k])`` with ``values`` of ``x``'s dtype and int64 ids.
+    """
+    values, ids = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], ids[..., :k]
+
+
+def softmax_topk(
+    logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` float32/float16/bfloat16.
+        k: ``1 <= k <= V``.
+        temperature: ``> 0``.
+    Returns:
+        ``probs[..., k]`` float32 (descending) and ``ids[..., k]`` int64.
+    """
+    x = logits.float()
+    _, ids = stable_topk(x, k)
+    probs = torch.softmax(x / temperature, dim=-1)
+    return probs.gather(-1, ids), ids
+
+
+def _normalized_weights(weights: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """``weights[B, L]`` as float32, divided by their row sum when ``renormalize`` (0 if the sum is 0)."""
+    w = weights.float()
+    if renormalize:
+        total = w.sum(-1, keepdim=True)
+        w = torch.where(total > 0, w / total, torch.zeros_like(w))
+    return w
+
+
+def marginalize(
+    next_logits: torch.Tensor, weights: torch.Tensor, renormalize: bool = True
+) -> torch.Tensor:
+    """Mixture of next-token distributions: ``q[b] = sum_l w[b, l] * softmax(next_logits[b, l])``.
+
+    Args:
+        next_logits: ``[B, L, V]`` float32/float16/bfloat16, the logits after each of ``L``
+            intermediate tokens (or paths).
+        weights: ``[B, L]`` non-negative, any floating dtype; the intermediate tokens'
+            probabilities (or path products).
+        renormalize: divide ``weights`` by their row sum first (an all-zero row gives zeros).
+    Returns:
+        ``probs[B, V]`` float32.
+    """
+    w = _normalized_weights(weights, renormalize)
+    p = torch.softmax(next_logits.float(), dim=-1)
+    return (w.unsqueeze(-1) * p).sum(1)
+
+
+def topk_marginalize(
+    next_logits: torch.Tensor, weights: torch.Tensor, m: int, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``m`` of :func:`marginalize`: ``(probs[B, m] float32, ids[B, m] int64)``."""
+    return stable_topk(marginalize(next_logits, weights, renormalize), m)
+
+
+def head_features(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The features each residual head feeds to the unembedding.
+
+    ``z = x + SiLU(x @ weight[h].T + bias[h])``, then ``RMSNorm(z, eps) * norm_weight`` if given.
+
+    Args:
+        hidden: ``[N, D]``; weight: ``[H, D, D]``; bias: ``[H, D]`` or None; norm_weight: ``[D]``.
+    Returns:
+        ``[N, H, D]`` float32.
+    """
+    x = hidden.float()
+    w = weight.float()
+    y = torch.einsum("nd,hed->nhe", x, w)
+    if bias is not None:
+        y = y + bias.float().unsqueeze(0)
+    z = x.unsqueeze(1) + torch.nn.functional.silu(y)
+    if norm_weight is not None:
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    return z
+
+
+def fused_mtp_heads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lm_head: torch.Tensor,
+    k: int,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Medusa-style residual heads through the shared unembedding, top-``k`` per head.
+
+    The straightforward version: a loop over heads, each computing its full ``[N, V]`` logits,
+    log-softmax and top-k.
+
+    Args:
+        hidden: ``[N, D]``; weight: ``[H, D, D]``; bias: ``[H, D]`` or None; lm_head: ``[V, D]``;
+        k: ``1 <= k <= V``; norm_weight: ``[D]`` or None; eps: RMSNorm epsilon.
+    Returns:
+        ``logprobs[N, H, k]`` float32 (descending) and ``ids[N, H, k]`` int64.
+    """
+    z = head_features(hidden, weight, bias, norm_weight, eps)
+    table = lm_head.float()
+    logprobs, ids = [], []
+    for h in range(weight.shape[0]):
+        logits = z[:, h] @ table.T
+        _, top = stable_topk(logits, k)
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, top))
+        ids.append(top)
+    if not logprobs:
+        n = hidden.shape[0]
+        return hidden.new_zeros((n, 0, k), dtype=torch.float32), hidden.new_zeros(
+            (n, 0, k), dtype=torch.long
+        )
+    return torch.stack(logprobs, 1), torch.stack(ids, 1)
+
+
+def target_tokens(
+    target_logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The target model's token at every node.
+
+    Greedy (``temperature == 0``): the argmax (ties toward the lower id, NaN first).
+    Sampling: ``p = softmax(logits / temperature)``; keep the ``top_k`` highest-ranked tokens
+    (``top_k == 0`` keeps all); renormalize; keep the shortest prefix of the ranking whose mass
+    reaches ``top_p`` (a token is kept when the kept mass ranked above it is below ``top_p``); then
+    walk the kept tokens in ascending id order and return the first whose cumulative probability
+    exceeds ``u * total`` (inverse CDF; if rounding leaves none, the last kept token).
+
+    Args:
+        target_logits: ``[..., V]`` float32/float16/bfloat16.
+        uniforms: ``[...]`` in ``[0, 1)``, required when ``temperature > 0``.
+    Returns:
+        ``[...]`` int64.
+    """
+    x = target_logits.float()
+    if temperature == 0.0:
+        return stable_topk(x, 1)[1][..., 0]
+    assert uniforms is not None
+    v = x.shape[-1]
+    _, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    p_sorted = torch.softmax(x / temperature, dim=-1).gather(-1, order)
+    keep = torch.ones_like(p_sorted, dtype=torch.bool)
+    if 0 < top_k < v:
+        keep[..., top_k:] = False
+    if top_p < 1.0:
+        pk = p_sorted * keep
+        pk = pk / pk.sum(-1, keepdim=True)
+        mass_before = torch.cumsum(pk, -1) - pk
+        keep &= mass_before < top_p
+        keep[..., 0] = True
+    q = torch.zeros_like(p_sorted).scatter(-1, order, p_sorted * keep)
+    kept = torch.zeros_like(keep).scatter(-1, order, keep)
+    cdf = torch.cumsum(q, -1)
+    threshold = uniforms.float().unsqueeze(-1) * cdf[..., -1:]
+    hit = (cdf > threshold) & kept
+    ids = torch.arange(v, device=x.device).expand_as(hit)
+    first = torch.where(hit, ids, v).amin(-1)
+    last_kept = torch.where(kept, ids, -1).amax(-1)
+    return torch.where(first < v, first, last_kept)
+
+
+def walk_tree(
+    draft_tokens: torch.Tensor, parents: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Walk each tree from the root, following the lowest-index child whose draft equals the target.
+
+    Args:
+        draft_tokens: ``[B, T]`` int64; parents: ``[T]`` or ``[B, T]`` int64; targets: ``[B, T]``.
+    Returns:
+        ``num_accepted[B]``, ``tokens[B, T]``, ``path[B, T]``, int64, padded with -1.
+    """
+    b, t = draft_tokens.shape
+    par = parents.expand(b, t) if parents.dim() == 1 else parents
+    num = torch.zeros(b, dtype=torch.long)
+    tokens = torch.full((b, t), -1, dtype=torch.long)
+    path = torch.full((b, t), -1, dtype=torch.long)
+    draft, par, tgt = draft_tokens.cpu().tolist(), par.cpu().tolist(), targets.cpu().tolist()
+    for row in range(b):
+        node, accepted = 0, 0
+        path[row, 0] = 0
+        while True:
+            nxt = next(
+                (c for c in range(node + 1, t) if par[row][c] == node and draft[row][c] == tgt[row][node]),
+                None,
+            )
+            if nxt is None:
+                break
+            tokens[row, accepted] = draft[row][nxt]
+            accepted += 1
+            path[row, accepted] = nxt
+            node = nxt
+        tokens[row, accepted] = tgt[row][node]
+        num[row] = accepted
+    dev = draft_tokens.device
+    return num.to(dev), tokens.to(dev), path.to(dev)
+
+
+def verify_tree(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tree verification for self-speculative decoding; see :func:`mtp_ext.ops.verify_tree`."""
+    targets = target_tokens(target_logits, temperature, top_k, top_p, uniforms)
+    return walk_tree(draft_tokens, parents, targets)
+
+
+def tree_attention_mask(
+    parents: torch.Tensor, prefix_len: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention mask and depths for a tree placed after ``prefix_len`` cached tokens.
+
+    Args:
+        parents: ``[T]`` or ``[B, T]`` int64, ``parents[0] = -1``, ``0 <= parents[i] < i``.
+        prefix_len: number of tokens already in the cache (all visible to every node).
+        dtype: floating dtype of the mask.
+    Returns:
+        ``mask[..., T, prefix_len + T]`` (0 where node i may attend, ``finfo(dtype).min`` elsewhere:
+        the prefix, itself and its ancestors are visible) and ``position_offsets[..., T]`` int64
+        (each node's depth; the root has 0).
+    """
+    par = parents.cpu().tolist()
+    rows = [par] if parents.dim() == 1 else par
+    masks, depths = [], []
+    for row in rows:
+        t = len(row)
+        visible = torch.zeros(t, t, dtype=torch.bool)
+        depth = torch.zeros(t, dtype=torch.long)
+        for i in range(t):
+            if i > 0:
+                visible[i] = visible[row[i]]
+                depth[i] = depth[row[i]] + 1
+            visible[i, i] = True
+        full = torch.cat([torch.ones(t, prefix_len, dtype=torch.bool), visible], 1)
+        masks.append(torch.zeros(full.shape, dtype=dtype).masked_fill(~full, torch.finfo(dtype).min))
+        depths.append(depth)
+    mask, depth = torch.stack(masks), torch.stack(depths)
+    if parents.dim() == 1:
+        mask, depth = mask[0], depth[0]
+    return mask.to(parents.device), depth.to(parents.device)
+
+
+def compact_kv(
+    cache: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor, prefix_len: int
+) -> torch.Tensor:
+    """Move each row's accepted path to the slots right after the prefix, in place.
+
+    For row ``b`` and ``j = 0 .. num_accepted[b]``: ``cache[b, :, prefix_len + j] =
+    cache[b, :, prefix_len + path[b, j]]`` (in increasing ``j``; ``path[b, j] >= j`` so no source is
+    overwritten before it is read). Other slots are left as they are.
+
+    Args:
+        cache: ``[B, heads, S, head_dim]`` any dtype, modified in place.
+        path: ``[B, T]`` int64 node indices from :func:`verify_tree`; num_accepted: ``[B]`` int64.
+    Returns:
+        ``cache``.
+    """
+    for b in range(cache.shape[0]):
+        for j in range(int(num_accepted[b]) + 1):
+            src = prefix_len + int(path[b, j])
+            cache[b, :, prefix_len + j] = cache[b, :, src]
+    return cache

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment at .venv in the repository root with torch, mtp_ext (built from
+# source, editable) and the test and benchmark dependencies. Safe to run again.
+#   MTP_EXT_TORCH  the torch requirement to install (default: torch==2.13.0; e.g. "torch" for the
+#                  newest, or a CUDA build's version on a GPU machine)
+#   PYTHON         the interpreter that creates the environment (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  "${MTP_EXT_TORCH:-torch==2.13.0}" numpy setuptools wheel ninja
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+.venv/bin/mtp-ext info

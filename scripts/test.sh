@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up .venv (scripts/setup.sh), builds and runs the torch-free kernel unit tests with CMake
+# (compiling the CUDA kernels too when nvcc is present), runs the test suite, then the benchmark
+# suite's correctness checks on small shapes. Extra arguments go to the test-suite pytest, e.g. `-m slow` or `-k verify`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # ninja from the environment
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
+cmake --build build/cmake
+ctest --test-dir build/cmake --output-on-failure
+.venv/bin/python -m pytest tests "$@"
+# Benchmark smoke run: every benchmark's correctness check on small shapes, without timing.
+.venv/bin/python -m pytest bench --bench-small --bench-no-compile --benchmark-disable -q

@@ -1,0 +1,85 @@
+"""Build script of the mtp_ext extension.
+
+The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built when the installed torch
+is a CUDA build and CUDA_HOME (or nvcc) is found; a GPU is not needed to build them. Environment:
+
+* ``MTP_EXT_CPU_FLAGS``: extra compiler flags for the CPU kernels. By default the AVX2/FMA/F16C
+  instruction sets are enabled when the building machine has them (``-mavx2 -mfma -mf16c``); set it
+  to an empty string for a portable build.
+* ``MTP_EXT_FORCE_CPU=1``: skip the CUDA kernels even on a CUDA build of torch.
+* ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for (for example ``"8.0;9.0"``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def host_cpu_flags() -> list[str]:
+    """SIMD flags for the machine that builds, unless MTP_EXT_CPU_FLAGS overrides them."""
+    if "MTP_EXT_CPU_FLAGS" in os.environ:
+        return os.environ["MTP_EXT_CPU_FLAGS"].split()
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return []
+    wanted = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"}
+    return [flag for name, flag in wanted.items() if name in flags] if "avx2" in flags else []
+
+
+def build_cuda() -> bool:
+    if os.environ.get("MTP_EXT_FORCE_CPU") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extensions():
+    sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi", *host_cpu_flags()]
+    link = ["-fopenmp"]
+    cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    if build_cuda() and cuda_sources:
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DMTP_EXT_WITH_CUDA"]
+        return [
+            CUDAExtension(
+                "mtp_ext._C",
+                sources + cuda_sources,
+                extra_compile_args={"cxx": cxx + ["-DMTP_EXT_WITH_CUDA"], "nvcc": nvcc},
+                extra_link_args=link,
+                py_limited_api=True,
+            )
+        ]
+    return [
+        CppExtension(
+            "mtp_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
+            py_limited_api=True,
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["mtp_ext", "mtp_ext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

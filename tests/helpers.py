@@ -1,0 +1,195 @@
+"""Shared test helpers: devices, the per-dtype tolerance table, seeded inputs, top-k comparison.
+
+Everything a test needs to compare a kernel with :mod:`mtp_ext.reference` lives here, declared
+once, so that every test file uses the same devices, the same tolerances and the same rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from mtp_ext import reference
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+
+# The floating input dtypes every op accepts.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def devices() -> list:
+    """``"cpu"`` always, then ``"cuda"``, skipped with a reason when no GPU is present."""
+    return [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.cuda,
+                pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA is not available"),
+            ],
+        ),
+    ]
+
+
+class Tol(NamedTuple):
+    """``(rtol, atol)`` pairs for the float32 outputs of an op fed with a given input dtype."""
+
+    prob: tuple[float, float]  # probabilities (softmax_topk, marginalize, topk_marginalize)
+    logprob: tuple[float, float]  # log-probabilities after a float32 matmul (fused_mtp_heads)
+
+
+# The kernels convert the inputs to float32 exactly as the reference does and accumulate in float32,
+# so the tolerances only cover summation order and the kernels' polynomial exp (~2 ulp); they do not
+# grow with the precision of the input dtype.
+TOL: dict[torch.dtype, Tol] = {
+    torch.float32: Tol(prob=(1e-5, 1e-6), logprob=(1e-4, 1e-4)),
+    torch.float16: Tol(prob=(1e-5, 1e-6), logprob=(1e-4, 1e-4)),
+    torch.bfloat16: Tol(prob=(1e-5, 1e-6), logprob=(1e-4, 1e-4)),
+}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator with a fixed seed (inputs are drawn on the CPU, then moved)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, dtype=torch.float32, device="cpu", seed: int = 0, scale: float = 1.0):
+    """Seeded normal values of ``shape``, drawn in float32 on the CPU, then cast and moved."""
+    x = torch.randn(*shape, generator=gen(seed)) * scale
+    return x.to(dtype=dtype, device=device)
+
+
+def rand(*shape: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """Seeded uniform values in ``[0, 1)``."""
+    return torch.rand(*shape, generator=gen(seed)).to(dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def _float_means_double():
+    had_own = "float" in torch.Tensor.__dict__
+    original = torch.Tensor.float
+    torch.Tensor.float = lambda self, *args, **kwargs: self.double(*args, **kwargs)
+    try:
+        yield
+    finally:
+        if had_own:
+            torch.Tensor.float = original
+        else:
+            del torch.Tensor.float
+
+
+def ref64(fn, *args, **kwargs):
+    """Evaluate a function of :mod:`mtp_ext.reference` in float64.
+
+    The references cast their inputs with ``.float()``; here those casts give float64 instead, so
+    the same definition is computed without float32 rounding. Ground truth for values: at real
+    vocabulary sizes (V ~ 150k) torch's float32 softmax in the reference drifts by ~2e-5 relative,
+    more than the kernels do. Rankings by raw logits are identical (the casts are exact); returned
+    floating tensors come back as float32.
+    """
+    with _float_means_double():
+        out = fn(*args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(o.float() if o.is_floating_point() else o for o in out)
+    return out.float() if out.is_floating_point() else out
+
+
+def assert_close(actual, expected, tol: tuple[float, float], msg: str = "", equal_nan=False):
+    rtol, atol = tol
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=msg or None
+    )
+
+
+def assert_ids_valid(ids: torch.Tensor, vocab: int):
+    """Ids are int64, in ``[0, vocab)`` and distinct along the last dim."""
+    assert ids.dtype == torch.int64
+    if ids.numel() == 0:
+        return
+    assert int(ids.min()) >= 0 and int(ids.max()) < vocab, f"ids out of [0, {vocab})"
+    sorted_ids = ids.sort(-1).values
+    assert bool((sorted_ids[..., 1:] != sorted_ids[..., :-1]).all()), "repeated id in a row"
+
+
+def assert_topk_equivalent(
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    ref_values: torch.Tensor,
+    ref_ids: torch.Tensor,
+    full_ref_scores: torch.Tensor,
+    tol: tuple[float, float],
+    max_mismatch_frac: float = 0.01,
+):
+    """A kernel's top-k equals the reference's up to near ties.
+
+    ``values`` must be close to ``ref_values``. ``ids`` must equal ``ref_ids``, except that where
+    they differ, the reference score of the kernel's id (``full_ref_scores.gather(-1, ids)``) must
+    be within ``tol`` of the reference value at that rank (two scores that tie within rounding can
+    come out in either order). Such mismatches must be rare: at most ``max_mismatch_frac`` of the
+    entries (and never more than 2 when there are few entries).
+    """
+    assert values.shape == ref_values.shape and ids.shape == ref_ids.shape
+    assert values.dtype == torch.float32
+    assert_close(values, ref_values, tol, "top-k values differ from the reference")
+    assert_ids_valid(ids, full_ref_scores.shape[-1])
+    ids, ref_ids = ids.cpu(), ref_ids.cpu()
+    ref_values, scores = ref_values.cpu(), full_ref_scores.cpu().float()
+    differ = ids != ref_ids
+    count = int(differ.sum())
+    if count == 0:
+        return
+    rtol, atol = tol
+    picked = scores.gather(-1, ids)
+    near_tie = torch.isclose(picked, ref_values.float(), rtol=rtol, atol=atol)
+    bad = differ & ~near_tie
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} ids differ from the reference without a near tie; first at "
+        f"{bad.nonzero()[0].tolist()}: kernel id {ids[bad][0]} (ref score {picked[bad][0]}) vs "
+        f"ref id {ref_ids[bad][0]} (ref score {ref_values[bad][0]})"
+    )
+    allowed = max(2, int(max_mismatch_frac * ids.numel()))
+    assert count <= allowed, f"{count} near-tie id mismatches out of {ids.numel()} (> {allowed})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Trees
+# ------------------------------------------------------------------------------------------------
+
+# Hand-built trees (parents lists): node 0 is the root.
+TREES = {
+    "root_only": [-1],
+    "chain": [-1, 0, 1, 2, 3],
+    "star": [-1, 0, 0, 0, 0],
+    # Medusa-like: top-2 of head 1 under the root, then top-3 / top-2 of head 2 under them, then
+    # one head-3 candidate under the first two of those.
+    "medusa": [-1, 0, 0, 1, 1, 1, 2, 2, 3, 4],
+}
+
+
+def random_parents(t: int, seed: int = 0) -> torch.Tensor:
+    """A random valid tree of ``t`` nodes: ``parents[i]`` uniform in ``[0, i)``."""
+    g = gen(seed)
+    par = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, t)]
+    return torch.tensor(par, dtype=torch.long)
+
+
+def random_case(b, t, v, dtype, seed, batched_parents, targets=None):
+    """Random trees whose drafts often equal the parent's target, so that walks go deep."""
+    logits = randn(b, t, v, seed=seed, scale=2.0).to(dtype)
+    if batched_parents:
+        parents = torch.stack([random_parents(t, seed + 1 + r) for r in range(b)])
+    else:
+        parents = random_parents(t, seed + 1)
+    par = parents.expand(b, t)
+    if targets is None:
+        targets = reference.target_tokens(logits)
+    g = gen(seed + 2)
+    draft = torch.randint(-1, v, (b, t), generator=g)
+    hit = torch.rand(b, t, generator=g) < 0.7
+    parent_target = targets.gather(1, par.clamp(min=0))
+    draft = torch.where(hit, parent_target, draft)
+    draft[:, 0] = -1
+    return draft, parents, logits

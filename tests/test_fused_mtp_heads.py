@@ -1,0 +1,132 @@
+"""fused_mtp_heads against mtp_ext.reference.fused_mtp_heads (in float64, see helpers.ref64).
+
+The kernel computes the logits with its own float32 dot products, so near-tied logits may swap:
+ids are compared with the ties-tolerant rule of helpers.assert_topk_equivalent, against the full
+reference log-softmax.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import DTYPES, TOL, assert_topk_equivalent, devices, randn, ref64
+
+from mtp_ext import ops
+from mtp_ext import reference as ref
+
+
+def make_inputs(n, h, d, v, dtype, device, seed=0, bias=True, norm=True, hidden_scale=1.0):
+    hidden = randn(n, d, dtype=dtype, device=device, seed=seed, scale=hidden_scale)
+    weight = randn(h, d, d, dtype=dtype, device=device, seed=seed + 1, scale=d**-0.5)
+    b = randn(h, d, dtype=dtype, device=device, seed=seed + 2, scale=0.1) if bias else None
+    lm_head = randn(v, d, dtype=dtype, device=device, seed=seed + 3, scale=3 * d**-0.5)
+    nw = (1 + randn(d, seed=seed + 4, scale=0.1)).to(dtype=dtype, device=device) if norm else None
+    return hidden, weight, b, lm_head, nw
+
+
+def full_logprobs(hidden, weight, bias, lm_head, norm_weight, eps):
+    """Reference log-softmax over the whole vocabulary: [N, H, V]."""
+    z = ref.head_features(hidden, weight, bias, norm_weight, eps)
+    return torch.log_softmax(z @ lm_head.float().T, dim=-1)
+
+
+def check(hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6, dtype=None):
+    lp, ids = ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps)
+    ref_lp, ref_ids = ref64(ref.fused_mtp_heads, hidden, weight, bias, lm_head, k, norm_weight, eps)
+    assert lp.shape == ref_lp.shape == (hidden.shape[0], weight.shape[0], k)
+    assert lp.dtype == torch.float32 and lp.device == hidden.device
+    full = ref64(full_logprobs, hidden, weight, bias, lm_head, norm_weight, eps)
+    assert_topk_equivalent(lp, ids, ref_lp, ref_ids, full, TOL[dtype or hidden.dtype].logprob)
+    return lp, ids
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v", [1, 7, 1000])
+@pytest.mark.parametrize("k_kind", ["one", "some", "all"])
+@pytest.mark.parametrize("bias, norm", [(True, True), (False, False), (True, False), (False, True)])
+def test_random(device, dtype, v, k_kind, bias, norm):
+    k = {"one": 1, "some": min(5, v), "all": v}[k_kind]
+    hidden, weight, b, lm_head, nw = make_inputs(
+        5, 3, 37, v, dtype, device, seed=v, bias=bias, norm=norm
+    )
+    check(hidden, weight, b, lm_head, k, nw)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "n, h, d, v, k, dtype",
+    [(2, 3, 64, 49152, 10, torch.float32), (1, 2, 32, 151936, 1, torch.bfloat16)],
+)
+def test_large_vocab(device, n, h, d, v, k, dtype):
+    hidden, weight, b, lm_head, nw = make_inputs(n, h, d, v, dtype, device, seed=5)
+    check(hidden, weight, b, lm_head, k, nw)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous(device, dtype):
+    n, h, d, v = 4, 2, 24, 301
+    hidden = randn(d, n, dtype=dtype, device=device, seed=10).t()
+    weight = randn(h, d, d, dtype=dtype, device=device, seed=11, scale=d**-0.5).transpose(1, 2)
+    bias = randn(h, 2 * d, dtype=dtype, device=device, seed=12, scale=0.1)[:, ::2]
+    lm_head = randn(2 * v, d, dtype=dtype, device=device, seed=13, scale=0.6)[::2]
+    norm_weight = randn(2 * d, dtype=dtype, device=device, seed=14)[1::2]
+    for t in (hidden, weight, bias, lm_head, norm_weight):
+        assert not t.is_contiguous()
+    check(hidden, weight, bias, lm_head, 9, norm_weight)
+    lm_head_t = randn(d, v, dtype=dtype, device=device, seed=15, scale=0.6).t()
+    check(hidden, weight, None, lm_head_t, v)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_mixed_input_dtypes(device):
+    hidden, weight, b, lm_head, nw = make_inputs(3, 2, 16, 200, torch.float32, device, seed=20)
+    check(
+        hidden.half(), weight, b.bfloat16(), lm_head.bfloat16(), 7, nw.half(), dtype=torch.bfloat16
+    )
+
+
+@pytest.mark.parametrize("device", devices())
+def test_eps_is_used(device):
+    # Small hidden states: eps = 0.5 dominates the RMS, so a kernel ignoring eps fails.
+    hidden, weight, b, lm_head, nw = make_inputs(
+        3, 2, 16, 100, torch.float32, device, seed=21, hidden_scale=0.05
+    )
+    lp_small, _ = check(hidden, weight, b, lm_head, 5, nw, eps=1e-6)
+    lp_big, _ = check(hidden, weight, b, lm_head, 5, nw, eps=0.5)
+    assert not torch.allclose(lp_small, lp_big, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_single_head_known_answer(device):
+    # weight = 0, bias = 0: z = x + SiLU(0) = x, so the logits are hidden @ lm_head.T.
+    d, v = 8, 50
+    hidden = randn(4, d, device=device, seed=22)
+    lm_head = randn(v, d, device=device, seed=23)
+    lp, ids = ops.fused_mtp_heads(hidden, torch.zeros(1, d, d, device=device), None, lm_head, 4)
+    logits = hidden.cpu().double() @ lm_head.cpu().double().T
+    expected = torch.log_softmax(logits, -1).sort(dim=-1, descending=True, stable=True)
+    assert ids[:, 0].cpu().tolist() == expected.indices[:, :4].tolist()
+    torch.testing.assert_close(
+        lp[:, 0].cpu().double(), expected.values[:, :4], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n, h", [(0, 3), (2, 0), (0, 0)])
+def test_empty(device, n, h):
+    hidden, weight, b, lm_head, nw = make_inputs(n, h, 8, 20, torch.float32, device, seed=24)
+    lp, ids = ops.fused_mtp_heads(hidden, weight, b, lm_head, 4, nw)
+    ref_lp, ref_ids = ref.fused_mtp_heads(hidden, weight, b, lm_head, 4, nw)
+    assert lp.shape == ref_lp.shape == (n, h, 4) and ids.shape == ref_ids.shape
+    assert lp.dtype == torch.float32 and ids.dtype == torch.int64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_real_vocab_size_all_dtypes(device, dtype):
+    hidden, weight, b, lm_head, nw = make_inputs(4, 4, 256, 128256, dtype, device, seed=30)
+    for k in (1, 10, 128256):
+        check(hidden, weight, b, lm_head, k, nw)
