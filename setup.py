@@ -4,7 +4,8 @@ The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built wh
 is a CUDA build and CUDA_HOME (or nvcc) is found; a GPU is not needed to build them. Environment:
 
 * ``MTP_EXT_CPU_FLAGS``: extra compiler flags for the CPU kernels. By default the AVX2/FMA/F16C
-  instruction sets are enabled when the building machine has them (``-mavx2 -mfma -mf16c``); set it
+  instruction sets are enabled when the building machine has them (``-mavx2 -mfma -mf16c``, plus
+  ``-mavx512f -mavx512vl -mavx512bw -mavx512dq`` where AVX-512 is present); set it
   to an empty string for a portable build.
 * ``MTP_EXT_FORCE_CPU=1``: skip the CUDA kernels even on a CUDA build of torch.
 * ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for (for example ``"8.0;9.0"``).
@@ -34,8 +35,12 @@ def host_cpu_flags() -> list[str]:
             flags = set(f.read().split())
     except OSError:
         return []
+    if "avx2" not in flags:
+        return []
     wanted = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"}
-    return [flag for name, flag in wanted.items() if name in flags] if "avx2" in flags else []
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        wanted.update(avx512f="-mavx512f", avx512vl="-mavx512vl", avx512bw="-mavx512bw", avx512dq="-mavx512dq")
+    return [flag for name, flag in wanted.items() if name in flags]
 
 
 def build_cuda() -> bool:

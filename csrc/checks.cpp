@@ -72,7 +72,8 @@ void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights,
 
 void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
-                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps) {
+                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
+                           const c10::optional<at::Tensor>& vocab_ids) {
   const char* op = "mtp_ext.fused_mtp_heads";
   check_floating(hidden, op, "hidden");
   check_floating(weight, op, "weight");
@@ -101,6 +102,29 @@ void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
   }
   check_k(k, lm_head.size(0), op, "k");
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  if (vocab_ids.has_value()) {
+    check_index(*vocab_ids, op, "vocab_ids");
+    check_dims(*vocab_ids, 1, "[V]", op, "vocab_ids");
+    check_size(*vocab_ids, 0, lm_head.size(0), op, "vocab_ids", "V (the rows of lm_head)");
+    check_same_device(hidden, *vocab_ids, op, "hidden", "vocab_ids");
+  }
+}
+
+void check_small_batch_linear(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias) {
+  const char* op = "mtp_ext.small_batch_linear";
+  check_floating(x, op, "x");
+  check_floating(weight, op, "weight");
+  check_dims(x, 2, "[M, K]", op, "x");
+  check_dims(weight, 2, "[N, K]", op, "weight");
+  check_size(weight, 1, x.size(1), op, "weight", "K");
+  check_same_device(x, weight, op, "x", "weight");
+  if (bias.has_value()) {
+    check_floating(*bias, op, "bias");
+    check_dims(*bias, 1, "[N]", op, "bias");
+    check_size(*bias, 0, weight.size(0), op, "bias", "N");
+    check_same_device(x, *bias, op, "x", "bias");
+  }
 }
 
 void check_parents_shape(const at::Tensor& parents, const char* op) {
@@ -110,27 +134,59 @@ void check_parents_shape(const at::Tensor& parents, const char* op) {
                     shape_str(parents));
 }
 
-void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
-                       const at::Tensor& target_logits, double temperature, int64_t top_k,
-                       double top_p, const c10::optional<at::Tensor>& uniforms) {
-  const char* op = "mtp_ext.verify_tree";
+void check_tree_inputs(const at::Tensor& draft_tokens, const at::Tensor& parents, const char* op) {
   check_index(draft_tokens, op, "draft_tokens");
   check_dims(draft_tokens, 2, "[B, T]", op, "draft_tokens");
   check_parents_shape(parents, op);
-  check_floating(target_logits, op, "target_logits");
-  check_dims(target_logits, 3, "[B, T, V]", op, "target_logits");
   const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1);
   TORCH_CHECK_VALUE(t >= 1, op, ": draft_tokens must have T >= 1 (the root), got shape ",
                     shape_str(draft_tokens));
   TORCH_CHECK_VALUE(parents.size(-1) == t && (parents.dim() == 1 || parents.size(0) == b), op,
                     ": parents must have shape [T] = [", t, "] or [B, T] = [", b, ", ", t,
                     "], got ", shape_str(parents));
+  check_same_device(draft_tokens, parents, op, "draft_tokens", "parents");
+}
+
+void check_verify_tree_from_hidden(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                                   const at::Tensor& hidden, const at::Tensor& lm_head,
+                                   const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* op = "mtp_ext.verify_tree_from_hidden";
+  check_tree_inputs(draft_tokens, parents, op);
+  check_floating(hidden, op, "hidden");
+  check_floating(lm_head, op, "lm_head");
+  check_dims(hidden, 3, "[B, T, D]", op, "hidden");
+  check_dims(lm_head, 2, "[V, D]", op, "lm_head");
+  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1);
+  TORCH_CHECK_VALUE(hidden.size(0) == b && hidden.size(1) == t, op,
+                    ": hidden must have shape [B, T, D] with [B, T] = [", b, ", ", t, "], got ",
+                    shape_str(hidden));
+  check_size(lm_head, 1, hidden.size(2), op, "lm_head", "D");
+  TORCH_CHECK_VALUE(lm_head.size(0) >= 1, op, ": lm_head must have V >= 1 rows, got shape ",
+                    shape_str(lm_head));
+  check_same_device(draft_tokens, hidden, op, "draft_tokens", "hidden");
+  check_same_device(hidden, lm_head, op, "hidden", "lm_head");
+  if (norm_weight.has_value()) {
+    check_floating(*norm_weight, op, "norm_weight");
+    check_dims(*norm_weight, 1, "[D]", op, "norm_weight");
+    check_size(*norm_weight, 0, hidden.size(2), op, "norm_weight", "D");
+    check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
+  }
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                       const at::Tensor& target_logits, double temperature, int64_t top_k,
+                       double top_p, const c10::optional<at::Tensor>& uniforms) {
+  const char* op = "mtp_ext.verify_tree";
+  check_tree_inputs(draft_tokens, parents, op);
+  check_floating(target_logits, op, "target_logits");
+  check_dims(target_logits, 3, "[B, T, V]", op, "target_logits");
+  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1);
   TORCH_CHECK_VALUE(target_logits.size(0) == b && target_logits.size(1) == t, op,
                     ": target_logits must have shape [B, T, V] with [B, T] = [", b, ", ", t,
                     "], got ", shape_str(target_logits));
   TORCH_CHECK_VALUE(target_logits.size(2) >= 1, op, ": target_logits must have V >= 1, got shape ",
                     shape_str(target_logits));
-  check_same_device(draft_tokens, parents, op, "draft_tokens", "parents");
   check_same_device(draft_tokens, target_logits, op, "draft_tokens", "target_logits");
   TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0, got ", temperature);
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0 keeps all), got ", top_k);

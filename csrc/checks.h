@@ -24,11 +24,18 @@ void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature)
 void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op);
 void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
-                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps);
+                           int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
+                           const c10::optional<at::Tensor>& vocab_ids);
 void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
                        const at::Tensor& target_logits, double temperature, int64_t top_k,
                        double top_p, const c10::optional<at::Tensor>& uniforms);
 void check_parents_shape(const at::Tensor& parents, const char* op);
+void check_tree_inputs(const at::Tensor& draft_tokens, const at::Tensor& parents, const char* op);
+void check_verify_tree_from_hidden(const at::Tensor& draft_tokens, const at::Tensor& parents,
+                                   const at::Tensor& hidden, const at::Tensor& lm_head,
+                                   const c10::optional<at::Tensor>& norm_weight, double eps);
+void check_small_batch_linear(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias);
 void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
                       const at::Tensor& num_accepted, int64_t prefix_len);
 

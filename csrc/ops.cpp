@@ -24,7 +24,7 @@ TORCH_LIBRARY(mtp_ext, m) {
   // H residual heads through the shared lm_head, top-k log-softmax per head, one pass over lm_head.
   m.def(
       "fused_mtp_heads(Tensor hidden, Tensor weight, Tensor? bias, Tensor lm_head, int k, "
-      "Tensor? norm_weight=None, float eps=1e-6) -> (Tensor, Tensor)");
+      "Tensor? norm_weight=None, float eps=1e-6, Tensor? vocab_ids=None) -> (Tensor, Tensor)");
   // Greedy or sampled tree verification: (num_accepted[B], tokens[B, T], path[B, T]), all i64.
   m.def(
       "verify_tree(Tensor draft_tokens, Tensor parents, Tensor target_logits, float "
@@ -34,6 +34,13 @@ TORCH_LIBRARY(mtp_ext, m) {
   m.def(
       "tree_attention_mask(Tensor parents, int prefix_len, ScalarType? dtype=None) -> (Tensor, "
       "Tensor)");
+  // Greedy verify_tree from the last hidden states: final RMSNorm, output layer and per-node argmax
+  // fused in one pass over lm_head (the [B, T, V] logits are never written), then the tree walk.
+  m.def(
+      "verify_tree_from_hidden(Tensor draft_tokens, Tensor parents, Tensor hidden, Tensor lm_head, "
+      "Tensor? norm_weight=None, float eps=1e-6) -> (Tensor, Tensor, Tensor)");
+  // y[M, N] = x[M, K] . weight[N, K]^T + bias for few rows: each weight row is read once for all.
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // In place: cache[b, :, prefix_len + j] = cache[b, :, prefix_len + path[b, j]], j <= num_accepted[b].
   m.def("compact_kv(Tensor(a!) cache, Tensor path, Tensor num_accepted, int prefix_len) -> ()");
 }

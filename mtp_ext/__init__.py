@@ -10,14 +10,17 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import ops, reference
+from .cpu_linear import FastCPU, SmallBatchLinear, fast_cpu
 from .ops import (
     compact_kv,
     fused_mtp_heads,
     marginalize,
+    small_batch_linear,
     softmax_topk,
     topk_marginalize,
     tree_attention_mask,
     verify_tree,
+    verify_tree_from_hidden,
 )
 
 __version__ = "0.1.0"
@@ -32,5 +35,10 @@ __all__ = [
     "verify_tree",
     "tree_attention_mask",
     "compact_kv",
+    "verify_tree_from_hidden",
+    "small_batch_linear",
+    "fast_cpu",
+    "FastCPU",
+    "SmallBatchLinear",
     "__version__",
 ]

@@ -22,6 +22,8 @@ __all__ = [
     "verify_tree",
     "tree_attention_mask",
     "compact_kv",
+    "verify_tree_from_hidden",
+    "small_batch_linear",
 ]
 
 _ops = torch.ops.mtp_ext
@@ -85,6 +87,7 @@ def fused_mtp_heads(
     k: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    vocab_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``H`` Medusa-style residual heads through the shared unembedding, top-``k`` per head.
 
@@ -101,10 +104,14 @@ def fused_mtp_heads(
         k: ``1 <= k <= V``.
         norm_weight: ``[D]`` or None (the model's final RMSNorm weight).
         eps: RMSNorm epsilon.
+        vocab_ids: ``[V]`` int64 or None. With a draft vocabulary, ``lm_head`` holds only the rows
+            of some tokens (for example the most frequent ones) and ``vocab_ids[j]`` is the token id
+            of row ``j``: the softmax runs over those rows, the cost falls with their number, and
+            the returned ids are full-vocabulary ids.
     Returns:
         ``logprobs[N, H, k]`` float32, descending, and ``ids[N, H, k]`` int64.
     """
-    return _ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps)
+    return _ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids)
 
 
 def verify_tree(
@@ -183,6 +190,75 @@ def compact_kv(
     return cache
 
 
+def verify_tree_from_hidden(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy :func:`verify_tree` straight from the backbone's last hidden states.
+
+    The final RMSNorm (when ``norm_weight`` is given), the output layer and the per-node argmax are
+    fused in one pass over ``lm_head``; the ``[B, T, V]`` logits are never written. Same results as
+    ``verify_tree(draft_tokens, parents, logits)`` on the logits the model would have produced, up
+    to ties within rounding.
+
+    Args:
+        draft_tokens: ``[B, T]`` int64 (node 0 is the root).
+        parents: ``[T]`` or ``[B, T]`` int64.
+        hidden: ``[B, T, D]`` float32, float16 or bfloat16, before the final norm.
+        lm_head: ``[V, D]`` the output layer's weight.
+        norm_weight: ``[D]`` the final RMSNorm's weight, or None when ``hidden`` is already normed.
+        eps: RMSNorm epsilon.
+    Returns:
+        ``num_accepted[B]``, ``tokens[B, T]``, ``path[B, T]``, int64, as :func:`verify_tree`.
+    """
+    return _ops.verify_tree_from_hidden(draft_tokens, parents, hidden, lm_head, norm_weight, eps)
+
+
+def small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few rows, reading each weight row once for all of them.
+
+    On a CPU the BLAS path for 2 or more rows costs far more than for 1; this kernel makes
+    ``M <= 64`` rows cost about what the weight stream costs. Correct for any ``M``.
+
+    Args:
+        x: ``[M, K]`` float32, float16 or bfloat16.
+        weight: ``[N, K]`` float32, float16 or bfloat16 (``nn.Linear`` layout).
+        bias: ``[N]`` or None.
+    Returns:
+        ``[M, N]`` of ``x.dtype``, accumulated in float32.
+    """
+    return _ops.small_batch_linear(x, weight, bias)
+
+
+def _small_batch_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _small_batch_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    g = grad.float()
+    grad_x = (g @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+    grad_w = (g.T @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None
+    grad_b = g.sum(0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b
+
+
+torch.library.register_autograd(
+    "mtp_ext::small_batch_linear",
+    _small_batch_linear_backward,
+    setup_context=_small_batch_linear_setup,
+)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fakes (shape and dtype propagation for torch.compile / FakeTensor)
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +285,9 @@ def _topk_marginalize_fake(next_logits, weights, m, renormalize=True):
 
 
 @torch.library.register_fake("mtp_ext::fused_mtp_heads")
-def _fused_mtp_heads_fake(hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6):
+def _fused_mtp_heads_fake(
+    hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6, vocab_ids=None
+):
     shape = (hidden.shape[0], weight.shape[0], k)
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.long)
 
@@ -224,6 +302,16 @@ def _verify_tree_fake(
         draft_tokens.new_empty((b, t), dtype=torch.long),
         draft_tokens.new_empty((b, t), dtype=torch.long),
     )
+
+
+@torch.library.register_fake("mtp_ext::verify_tree_from_hidden")
+def _verify_tree_from_hidden_fake(draft_tokens, parents, hidden, lm_head, norm_weight=None, eps=1e-6):
+    return _verify_tree_fake(draft_tokens, parents, None)
+
+
+@torch.library.register_fake("mtp_ext::small_batch_linear")
+def _small_batch_linear_fake(x, weight, bias=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.register_fake("mtp_ext::tree_attention_mask")

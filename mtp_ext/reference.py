@@ -27,6 +27,8 @@ __all__ = [
     "verify_tree",
     "tree_attention_mask",
     "compact_kv",
+    "small_batch_linear",
+    "verify_tree_from_hidden",
 ]
 
 
@@ -118,9 +120,7 @@ def head_features(
     if bias is not None:
         y = y + bias.float().unsqueeze(0)
     z = x.unsqueeze(1) + torch.nn.functional.silu(y)
-    if norm_weight is not None:
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-    return z
+    return final_norm(z, norm_weight, eps)
 
 
 def fused_mtp_heads(
@@ -131,6 +131,7 @@ def fused_mtp_heads(
     k: int,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    vocab_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Medusa-style residual heads through the shared unembedding, top-``k`` per head.
 
@@ -139,7 +140,9 @@ def fused_mtp_heads(
 
     Args:
         hidden: ``[N, D]``; weight: ``[H, D, D]``; bias: ``[H, D]`` or None; lm_head: ``[V, D]``;
-        k: ``1 <= k <= V``; norm_weight: ``[D]`` or None; eps: RMSNorm epsilon.
+        k: ``1 <= k <= V``; norm_weight: ``[D]`` or None; eps: RMSNorm epsilon;
+        vocab_ids: ``[V]`` int64 or None: the token id of each row of ``lm_head`` (a draft
+        vocabulary); the softmax runs over these rows only and returned ids are mapped through it.
     Returns:
         ``logprobs[N, H, k]`` float32 (descending) and ``ids[N, H, k]`` int64.
     """
@@ -150,7 +153,7 @@ def fused_mtp_heads(
         logits = z[:, h] @ table.T
         _, top = stable_topk(logits, k)
         logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, top))
-        ids.append(top)
+        ids.append(top if vocab_ids is None else vocab_ids[top])
     if not logprobs:
         n = hidden.shape[0]
         return hidden.new_zeros((n, 0, k), dtype=torch.float32), hidden.new_zeros(
@@ -256,6 +259,51 @@ def verify_tree(
     """Tree verification for self-speculative decoding; see :func:`mtp_ext.ops.verify_tree`."""
     targets = target_tokens(target_logits, temperature, top_k, top_p, uniforms)
     return walk_tree(draft_tokens, parents, targets)
+
+
+def final_norm(
+    hidden: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """``RMSNorm(hidden, eps) * norm_weight`` in float32 (``hidden`` as float32 when no weight)."""
+    x = hidden.float()
+    if norm_weight is None:
+        return x
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+
+
+def verify_tree_from_hidden(
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    hidden: torch.Tensor,
+    lm_head: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy :func:`verify_tree` on ``final_norm(hidden) @ lm_head.T`` (float32).
+
+    Args:
+        draft_tokens: ``[B, T]`` int64; parents: ``[T]`` or ``[B, T]`` int64;
+        hidden: ``[B, T, D]`` the backbone's last hidden states before its final norm;
+        lm_head: ``[V, D]``; norm_weight: ``[D]`` or None; eps: RMSNorm epsilon.
+    """
+    logits = final_norm(hidden, norm_weight, eps) @ lm_head.float().T
+    return verify_tree(draft_tokens, parents, logits)
+
+
+def small_batch_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` accumulated in float32, returned in ``x``'s dtype.
+
+    Args:
+        x: ``[M, K]``; weight: ``[N, K]``; bias: ``[N]`` or None (any floating dtypes).
+    Returns:
+        ``[M, N]`` of ``x.dtype``.
+    """
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def tree_attention_mask(

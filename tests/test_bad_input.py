@@ -51,7 +51,9 @@ def topk_marginalize(next_logits=None, weights=None, m=3):
     return lambda dev: ops.topk_marginalize(nl.to(dev), w.to(dev), m)
 
 
-def heads(hidden=None, weight=None, bias=..., lm_head=None, k=3, norm_weight=..., eps=1e-6):
+def heads(
+    hidden=None, weight=None, bias=..., lm_head=None, k=3, norm_weight=..., eps=1e-6, vocab_ids=None
+):
     n, h, d, v = 2, 3, 4, 10
     args = {
         "hidden": z(n, d) if hidden is None else hidden,
@@ -68,6 +70,7 @@ def heads(hidden=None, weight=None, bias=..., lm_head=None, k=3, norm_weight=...
         k,
         None if args["norm_weight"] is None else args["norm_weight"].to(dev),
         eps,
+        None if vocab_ids is None else vocab_ids.to(dev),
     )
 
 
@@ -81,6 +84,28 @@ def verify(
     u = (z(b, t) if temperature > 0 else None) if uniforms is ... else uniforms
     return lambda dev: ops.verify_tree(
         d.to(dev), p.to(dev), x.to(dev), temperature, top_k, top_p, None if u is None else u.to(dev)
+    )
+
+
+def from_hidden(draft=None, parents=None, hidden=None, lm_head=None, norm_weight=..., eps=1e-6):
+    b, t, d, v = 2, 4, 8, 10
+    dr = torch.zeros(b, t, dtype=I64) if draft is None else draft
+    p = chain(t) if parents is None else parents
+    h = z(b, t, d) if hidden is None else hidden
+    w = z(v, d) if lm_head is None else lm_head
+    nw = torch.ones(d) if norm_weight is ... else norm_weight
+    return lambda dev: ops.verify_tree_from_hidden(
+        dr.to(dev), p.to(dev), h.to(dev), w.to(dev), None if nw is None else nw.to(dev), eps
+    )
+
+
+def linear(x=None, weight=None, bias=...):
+    m, k, n = 3, 5, 7
+    xx = z(m, k) if x is None else x
+    w = z(n, k) if weight is None else weight
+    bb = z(n) if bias is ... else bias
+    return lambda dev: ops.small_batch_linear(
+        xx.to(dev), w.to(dev), None if bb is None else bb.to(dev)
     )
 
 
@@ -171,6 +196,12 @@ CASES = [
     ("heads_int_bias", heads(bias=z(3, 4, dtype=I32)), TypeError, "bias"),
     ("heads_f64_norm", heads(norm_weight=torch.ones(4, dtype=F64)), TypeError, "norm_weight"),
     ("heads_neg_eps", heads(eps=-1e-6), ValueError, "eps"),
+    ("heads_vocab_ids_short", heads(vocab_ids=torch.arange(9)), ValueError, "vocab_ids"),
+    ("heads_vocab_ids_long", heads(vocab_ids=torch.arange(11)), ValueError, "vocab_ids"),
+    ("heads_vocab_ids_2d", heads(vocab_ids=torch.arange(10).view(1, 10)), ValueError, "vocab_ids"),
+    ("heads_vocab_ids_0d", heads(vocab_ids=torch.tensor(3)), ValueError, "vocab_ids"),
+    ("heads_vocab_ids_int32", heads(vocab_ids=torch.arange(10, dtype=I32)), TypeError, "vocab_ids"),
+    ("heads_vocab_ids_float", heads(vocab_ids=torch.arange(10.0)), TypeError, "vocab_ids"),
     # verify_tree
     ("vt_float_draft", verify(draft=z(2, 4)), TypeError, "draft_tokens"),
     ("vt_1d_draft", verify(draft=torch.zeros(4, dtype=I64)), ValueError, "draft_tokens"),
@@ -218,6 +249,63 @@ CASES = [
         TypeError,
         "uniforms",
     ),
+    # verify_tree_from_hidden
+    ("vh_float_draft", from_hidden(draft=z(2, 4)), TypeError, "draft_tokens"),
+    ("vh_int32_draft", from_hidden(draft=torch.zeros(2, 4, dtype=I32)), TypeError, "draft_tokens"),
+    ("vh_1d_draft", from_hidden(draft=torch.zeros(4, dtype=I64)), ValueError, "draft_tokens"),
+    (
+        "vh_empty_tree",
+        from_hidden(
+            draft=torch.zeros(2, 0, dtype=I64), parents=torch.zeros(0, dtype=I64), hidden=z(2, 0, 8)
+        ),
+        ValueError,
+        "draft_tokens",
+    ),
+    ("vh_int32_parents", from_hidden(parents=chain(4).int()), TypeError, "parents"),
+    ("vh_3d_parents", from_hidden(parents=chain(4).expand(1, 2, 4)), ValueError, "parents"),
+    ("vh_parents_t", from_hidden(parents=chain(5)), ValueError, "parents"),
+    ("vh_parents_b", from_hidden(parents=chain(4).expand(3, 4)), ValueError, "parents"),
+    ("vh_root_not_minus1", from_hidden(parents=torch.tensor([0, 0, 1, 2])), ValueError, "parents"),
+    ("vh_parent_ge_i", from_hidden(parents=torch.tensor([-1, 0, 2, 1])), ValueError, "parents"),
+    ("vh_parent_neg", from_hidden(parents=torch.tensor([-1, 0, -1, 2])), ValueError, "parents"),
+    (
+        "vh_parent_row1_bad",
+        from_hidden(parents=torch.tensor([[-1, 0, 1, 2], [-1, 0, 3, 1]])),
+        ValueError,
+        "parents",
+    ),
+    ("vh_2d_hidden", from_hidden(hidden=z(2, 8)), ValueError, "hidden"),
+    ("vh_4d_hidden", from_hidden(hidden=z(2, 4, 8, 1)), ValueError, "hidden"),
+    ("vh_hidden_b", from_hidden(hidden=z(3, 4, 8)), ValueError, "hidden"),
+    ("vh_hidden_t", from_hidden(hidden=z(2, 5, 8)), ValueError, "hidden"),
+    ("vh_int_hidden", from_hidden(hidden=z(2, 4, 8, dtype=I64)), TypeError, "hidden"),
+    ("vh_f64_hidden", from_hidden(hidden=z(2, 4, 8, dtype=F64)), TypeError, "hidden"),
+    ("vh_1d_lm_head", from_hidden(lm_head=z(10)), ValueError, "lm_head"),
+    ("vh_lm_head_d", from_hidden(lm_head=z(10, 7)), ValueError, "lm_head"),
+    ("vh_lm_head_v0", from_hidden(lm_head=z(0, 8)), ValueError, "lm_head"),
+    ("vh_f64_lm_head", from_hidden(lm_head=z(10, 8, dtype=F64)), TypeError, "lm_head"),
+    ("vh_int_lm_head", from_hidden(lm_head=z(10, 8, dtype=I32)), TypeError, "lm_head"),
+    ("vh_norm_d", from_hidden(norm_weight=torch.ones(7)), ValueError, "norm_weight"),
+    ("vh_norm_2d", from_hidden(norm_weight=torch.ones(1, 8)), ValueError, "norm_weight"),
+    ("vh_f64_norm", from_hidden(norm_weight=torch.ones(8, dtype=F64)), TypeError, "norm_weight"),
+    ("vh_neg_eps", from_hidden(eps=-1e-6), ValueError, "eps"),
+    # small_batch_linear
+    ("lin_1d_x", linear(x=z(5)), ValueError, "x"),
+    ("lin_3d_x", linear(x=z(1, 3, 5)), ValueError, "x"),
+    ("lin_1d_weight", linear(weight=z(5)), ValueError, "weight"),
+    ("lin_3d_weight", linear(weight=z(1, 7, 5)), ValueError, "weight"),
+    ("lin_weight_k", linear(weight=z(7, 4)), ValueError, "weight"),
+    ("lin_weight_transposed", linear(weight=z(5, 7)), ValueError, "weight"),
+    ("lin_bias_n", linear(bias=z(6)), ValueError, "bias"),
+    ("lin_bias_k", linear(bias=z(5)), ValueError, "bias"),
+    ("lin_bias_2d", linear(bias=z(1, 7)), ValueError, "bias"),
+    ("lin_int_x", linear(x=z(3, 5, dtype=I64)), TypeError, "x"),
+    ("lin_f64_x", linear(x=z(3, 5, dtype=F64)), TypeError, "x"),
+    ("lin_int_weight", linear(weight=z(7, 5, dtype=I32)), TypeError, "weight"),
+    ("lin_f64_weight", linear(weight=z(7, 5, dtype=F64)), TypeError, "weight"),
+    ("lin_bool_weight", linear(weight=z(7, 5, dtype=torch.bool)), TypeError, "weight"),
+    ("lin_int_bias", linear(bias=z(7, dtype=I32)), TypeError, "bias"),
+    ("lin_f64_bias", linear(bias=z(7, dtype=F64)), TypeError, "bias"),
     # tree_attention_mask
     ("mask_float_parents", mask(parents=chain(4).float()), TypeError, "parents"),
     ("mask_3d_parents", mask(parents=chain(4).expand(1, 1, 4)), ValueError, "parents"),
@@ -288,7 +376,12 @@ def test_good_defaults_of_the_cases_run():
         marginalize(),
         topk_marginalize(),
         heads(),
+        heads(vocab_ids=torch.arange(10)),
         verify(),
+        from_hidden(),
+        from_hidden(norm_weight=None),
+        linear(),
+        linear(bias=None),
         verify(temperature=1.0),
         mask(),
         compact(),
@@ -431,4 +524,26 @@ def test_tensors_on_different_devices():
             torch.zeros(2, 4, dtype=I64),
             torch.zeros(2, dtype=I64),
             0,
+        )
+    with pytest.raises(ValueError, match="same device"):
+        ops.small_batch_linear(torch.zeros(2, 4, device="cuda"), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="same device"):
+        ops.small_batch_linear(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(3, device="cuda"))
+    with pytest.raises(ValueError, match="same device"):
+        ops.verify_tree_from_hidden(
+            torch.zeros(2, 4, dtype=I64, device="cuda"),
+            chain(4).cuda(),
+            torch.zeros(2, 4, 8, device="cuda"),
+            torch.zeros(10, 8),
+        )
+    with pytest.raises(ValueError, match="same device"):
+        ops.fused_mtp_heads(
+            torch.zeros(2, 4, device="cuda"),
+            torch.zeros(3, 4, 4, device="cuda"),
+            None,
+            torch.zeros(10, 4, device="cuda"),
+            3,
+            None,
+            1e-6,
+            torch.arange(10),
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, TOL, assert_topk_equivalent, devices, randn, ref64
+from helpers import DTYPES, TOL, assert_topk_equivalent, devices, gen, randn, ref64
 
 from mtp_ext import ops
 from mtp_ext import reference as ref
@@ -130,3 +130,95 @@ def test_real_vocab_size_all_dtypes(device, dtype):
     hidden, weight, b, lm_head, nw = make_inputs(4, 4, 256, 128256, dtype, device, seed=30)
     for k in (1, 10, 128256):
         check(hidden, weight, b, lm_head, k, nw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Draft vocabulary (vocab_ids)
+# ------------------------------------------------------------------------------------------------
+
+
+def draft_vocab(v_full, s, seed, device):
+    """``s`` distinct full-vocabulary ids in no particular order (as a frequency ranking gives)."""
+    return torch.randperm(v_full, generator=gen(seed))[:s].to(device)
+
+
+def check_vocab_ids(hidden, weight, bias, lm_head, k, norm_weight, vocab_ids, v_full, dtype=None):
+    """Against the reference with the same vocab_ids; the near-tie rule reads the reference
+    log-softmax over the draft rows, scattered to their full ids (-inf at every other id, so an id
+    outside vocab_ids fails)."""
+    sub = lm_head[vocab_ids]
+    lp, ids = ops.fused_mtp_heads(hidden, weight, bias, sub, k, norm_weight, 1e-6, vocab_ids)
+    ref_lp, ref_ids = ref64(
+        ref.fused_mtp_heads, hidden, weight, bias, sub, k, norm_weight, 1e-6, vocab_ids.cpu()
+    )
+    assert lp.shape == ref_lp.shape == (hidden.shape[0], weight.shape[0], k)
+    assert ids.dtype == torch.int64 and ids.device == hidden.device
+    rows = ref64(full_logprobs, hidden, weight, bias, sub, norm_weight, 1e-6)
+    full = torch.full((*rows.shape[:-1], v_full), float("-inf"))
+    full.scatter_(-1, vocab_ids.cpu().expand_as(rows), rows)
+    assert_topk_equivalent(lp, ids, ref_lp, ref_ids, full, TOL[dtype or hidden.dtype].logprob)
+    # The ids are exactly vocab_ids[row] of the same kernel run on the rows alone, same values.
+    lp_rows, row_ids = ops.fused_mtp_heads(hidden, weight, bias, sub, k, norm_weight, 1e-6)
+    assert torch.equal(lp, lp_rows)
+    assert torch.equal(ids, vocab_ids[row_ids])
+    return lp, ids
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", [1, 7, 1000])
+@pytest.mark.parametrize("k_kind", ["one", "some", "all"])
+def test_vocab_ids(device, dtype, s, k_kind):
+    v_full = 1500
+    k = {"one": 1, "some": min(5, s), "all": s}[k_kind]
+    hidden, weight, b, lm_head, nw = make_inputs(5, 3, 37, v_full, dtype, device, seed=s)
+    _, ids = check_vocab_ids(
+        hidden, weight, b, lm_head, k, nw, draft_vocab(v_full, s, s, device), v_full
+    )
+    if s == 1000:
+        assert int(ids.max()) >= s  # full ids, not row numbers
+
+
+@pytest.mark.parametrize("device", devices())
+def test_vocab_ids_real_sizes(device):
+    # A 32768-token draft vocabulary of a 151936-token model, ids up to the last one.
+    v_full, s = 151936, 32768
+    hidden, weight, b, lm_head, nw = make_inputs(2, 2, 32, v_full, torch.bfloat16, device, seed=40)
+    last = torch.tensor([v_full - 1], device=device)
+    vocab_ids = torch.cat([draft_vocab(v_full - 1, s - 1, 41, device), last])
+    check_vocab_ids(hidden, weight, b, lm_head, 10, nw, vocab_ids, v_full)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("bias, norm", [(True, True), (False, False)])
+def test_vocab_ids_arange_is_no_vocab_ids(device, bias, norm):
+    v = 1000
+    hidden, weight, b, lm_head, nw = make_inputs(4, 3, 37, v, torch.float32, device, 42, bias, norm)
+    for k in (1, 10, v):
+        plain = ops.fused_mtp_heads(hidden, weight, b, lm_head, k, nw)
+        mapped = ops.fused_mtp_heads(
+            hidden, weight, b, lm_head, k, nw, 1e-6, torch.arange(v, device=device)
+        )
+        for x, y in zip(plain, mapped):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_vocab_ids_non_contiguous_and_mixed_dtypes(device):
+    v_full, s = 700, 300
+    hidden, weight, b, lm_head, nw = make_inputs(3, 2, 16, v_full, torch.float32, device, seed=43)
+    big = torch.zeros(2 * s, dtype=torch.long, device=device)
+    big[1::2] = draft_vocab(v_full, s, 44, device)
+    vocab_ids = big[1::2]
+    assert not vocab_ids.is_contiguous()
+    hidden, b, lm_head, nw = hidden.half(), b.bfloat16(), lm_head.bfloat16(), nw.half()
+    check_vocab_ids(hidden, weight, b, lm_head, 7, nw, vocab_ids, v_full, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n, h", [(0, 3), (2, 0)])
+def test_vocab_ids_empty(device, n, h):
+    hidden, weight, b, lm_head, nw = make_inputs(n, h, 8, 20, torch.float32, device, seed=45)
+    vocab_ids = draft_vocab(50, 20, 46, device)
+    lp, ids = ops.fused_mtp_heads(hidden, weight, b, lm_head, 4, nw, 1e-6, vocab_ids)
+    assert lp.shape == ids.shape == (n, h, 4) and ids.dtype == torch.int64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TREES, devices, rand, randn, random_case
+from helpers import TREES, devices, gen, rand, randn, random_case
 
 from mtp_ext import ops
 
@@ -43,6 +43,29 @@ def heads_args(device, with_optional, n=3):
     )
 
 
+def heads_vocab_args(device, n=3):
+    hidden, weight, bias, lm_head, k, norm_weight, eps = heads_args(device, True, n)
+    vocab_ids = torch.randperm(500, generator=gen(14))[: lm_head.shape[0]].to(device)
+    return hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids
+
+
+def from_hidden_args(device, with_norm, b=3):
+    t, d, v = 6, 16, 40
+    draft, parents, _ = random_case(b, t, v, torch.float32, seed=15, batched_parents=with_norm)
+    dtype = torch.float16 if with_norm else torch.float32
+    hidden = randn(b, t, d, seed=16, device=device, dtype=dtype)
+    lm_head = randn(v, d, seed=17, device=device, dtype=dtype)
+    norm_weight = (1 + randn(d, seed=18, scale=0.1)).to(device) if with_norm else None
+    return draft.to(device), parents.to(device), hidden, lm_head, norm_weight, 1e-5
+
+
+def linear_args(device, with_bias, m=3, dtype=torch.float32):
+    k, n = 37, 49
+    x = randn(m, k, seed=19, device=device, dtype=dtype)
+    weight = randn(n, k, seed=20, device=device, dtype=torch.bfloat16, scale=k**-0.5)
+    return x, weight, randn(n, seed=21, device=device) if with_bias else None
+
+
 # (op name, sample-args builder taking (device, size); size varies a batch dim for the compile test)
 SAMPLES = {
     "softmax_topk": lambda dev, n=4: (
@@ -69,6 +92,7 @@ SAMPLES = {
     ),
     "fused_mtp_heads": lambda dev, n=3: heads_args(dev, True, n),
     "fused_mtp_heads_no_bias_norm": lambda dev, n=3: heads_args(dev, False, n),
+    "fused_mtp_heads_vocab_ids": lambda dev, n=3: heads_vocab_args(dev, n),
     "verify_tree": lambda dev, n=3: verify_args(dev, False, False, n),
     "verify_tree_sampling": lambda dev, n=3: verify_args(dev, True, True, n),
     "tree_attention_mask": lambda dev, n=2: (
@@ -78,6 +102,11 @@ SAMPLES = {
     ),
     "tree_attention_mask_1d": lambda dev, n=2: (torch.tensor(TREES["chain"], device=dev), n, None),
     "compact_kv": lambda dev, n=2: compact_args(dev, n),
+    "verify_tree_from_hidden": lambda dev, n=3: from_hidden_args(dev, True, n),
+    "verify_tree_from_hidden_no_norm": lambda dev, n=3: from_hidden_args(dev, False, n),
+    "small_batch_linear": lambda dev, n=3: linear_args(dev, True, n),
+    "small_batch_linear_no_bias": lambda dev, n=3: linear_args(dev, False, n, torch.float16),
+    "small_batch_linear_many_rows": lambda dev, n=3: linear_args(dev, True, 64 + n),
 }
 
 
@@ -87,9 +116,11 @@ def op_of(sample: str):
         "topk_marginalize",
         "marginalize",
         "fused_mtp_heads",
+        "verify_tree_from_hidden",  # before verify_tree, which is a prefix of it
         "verify_tree",
         "tree_attention_mask",
         "compact_kv",
+        "small_batch_linear",
     ):
         if sample.startswith(name):
             return name
@@ -126,6 +157,12 @@ PROGRAMS = {
         p, n, dt if dt is not None else torch.float32
     ),
     "compact_kv": lambda c, p, n, s: ops.compact_kv(c, p, n, s),
+    "verify_tree_from_hidden": lambda d, p, h, w, nw, eps: ops.verify_tree_from_hidden(
+        d, p, h * 1, w, nw, eps
+    ),
+    "small_batch_linear": lambda x, w, b: torch.relu(ops.small_batch_linear(x * 1, w, b)) + 0,
+    # The draft-vocabulary path: the mapped ids used by later torch ops in the same graph.
+    "fused_mtp_heads_vocab_ids": lambda *a: tuple(o + 0 for o in ops.fused_mtp_heads(*a)),
 }
 
 BACKEND = "inductor"

@@ -8,12 +8,11 @@
 #include "../checks.h"
 #include "../kernels/dot_tile.h"
 #include "cpu_utils.h"
+#include "table_stream.h"
 
 namespace mtp_ext {
 namespace cpu {
 namespace {
-
-constexpr int64_t kVocabBlock = 48;
 
 // [N, H, D] float32 contiguous head features.
 at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
@@ -29,43 +28,18 @@ at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
   return z.transpose(0, 1).contiguous();
 }
 
+// Running log-sum-exp statistics and top-k of every row, for one slice of the vocabulary.
 struct RowState {
   std::vector<SoftmaxStats> stats;
   std::vector<TopK> top;
+  std::vector<float> logits;  // [rows, kTableBlock] scratch
 };
-
-// Streams lm_head rows [begin, end) against feats[rows, D], updating one RowState.
-template <typename T>
-void stream_vocab(const float* feats, int64_t rows, int64_t depth, const T* table, int64_t begin,
-                  int64_t end, RowState& state) {
-  std::vector<float> converted;
-  if (!std::is_same<T, float>::value) converted.resize(static_cast<size_t>(kVocabBlock * depth));
-  std::vector<float> logits(static_cast<size_t>(rows * kVocabBlock));
-  for (int64_t v = begin; v < end; v += kVocabBlock) {
-    const int64_t nb = std::min(kVocabBlock, end - v);
-    const float* block;
-    if constexpr (std::is_same<T, float>::value) {
-      block = table + v * depth;
-    } else {
-      kernels::load_block(table + v * depth, 1, nb * depth, converted.data());
-      block = converted.data();
-    }
-    kernels::dot_rows(feats, depth, rows, block, depth, nb, depth, logits.data(), kVocabBlock);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* lr = logits.data() + r * kVocabBlock;
-      const float bmax = kernels::block_max(lr, nb);
-      SoftmaxStats& st = state.stats[r];
-      st.add_block(lr, nb, bmax, 1.0f);
-      if (state.top[r].may_enter(bmax) || st.sum != st.sum) state.top[r].push_block(lr, nb, v);
-    }
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
-    double eps) {
-  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps);
+    double eps, const c10::optional<at::Tensor>& vocab_ids) {
+  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
   const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
   const int64_t vocab = lm_head.size(0);
   at::Tensor logprobs = at::empty({n, heads, k}, hidden.options().dtype(at::kFloat));
@@ -75,22 +49,29 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
 
   const at::Tensor feats = head_features(hidden, weight, bias, norm_weight, eps);
   const at::Tensor table = lm_head.contiguous();
-  const int64_t blocks = (vocab + kVocabBlock - 1) / kVocabBlock;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  std::vector<RowState> states(static_cast<size_t>(parts));
-
+  const float* z = feats.const_data_ptr<float>();
+  std::vector<RowState> states(static_cast<size_t>(table_parts(vocab)));
+  for (RowState& state : states) {
+    state.stats.assign(static_cast<size_t>(rows), SoftmaxStats());
+    state.top.assign(static_cast<size_t>(rows), TopK(k));
+    state.logits.resize(static_cast<size_t>(rows * kTableBlock));
+  }
   dispatch_floating(lm_head.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
-      for (int64_t p = first; p < last; ++p) {
-        const auto [b0, b1] = chunk_bounds(blocks, parts, p);
-        RowState& state = states[p];
-        state.stats.assign(static_cast<size_t>(rows), SoftmaxStats());
-        state.top.assign(static_cast<size_t>(rows), TopK(k));
-        stream_vocab<T>(feats.const_data_ptr<float>(), rows, depth, data_as<T>(table),
-                        b0 * kVocabBlock, std::min(vocab, b1 * kVocabBlock), state);
-      }
-    });
+    stream_table(data_as<T>(table), vocab, depth,
+                 [&](int64_t part, const float* block, int64_t v, int64_t nb) {
+                   RowState& state = states[part];
+                   float* logits = state.logits.data();
+                   kernels::dot_rows(z, depth, rows, block, depth, nb, depth, logits, kTableBlock);
+                   for (int64_t r = 0; r < rows; ++r) {
+                     const float* lr = logits + r * kTableBlock;
+                     const float bmax = kernels::block_max(lr, nb);
+                     SoftmaxStats& st = state.stats[r];
+                     st.add_block(lr, nb, bmax, 1.0f);
+                     if (state.top[r].may_enter(bmax) || st.sum != st.sum)
+                       state.top[r].push_block(lr, nb, v);
+                   }
+                 });
   });
 
   float* lp = logprobs.data_ptr<float>();
@@ -112,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
       }
     }
   });
+  if (vocab_ids.has_value()) ids = vocab_ids->take(ids);
   return {logprobs, ids};
 }
 

@@ -12,6 +12,16 @@
 namespace mtp_ext {
 namespace kernels {
 
+// With AVX-512 (32 vector registers) a 4 x 4 tile of 16-lane accumulators; otherwise (16 AVX2
+// registers) a 4 x 3 tile of 8-lane ones.
+#if defined(__AVX512F__)
+typedef v16f vdot;
+constexpr int kTileA = 4, kTileB = 4;
+#else
+typedef v8f vdot;
+constexpr int kTileA = 4, kTileB = 3;
+#endif
+
 // Tile of RA rows of a by RB rows of b; both row-major with leading dims lda / ldb; out has ldo.
 template <int RA, int RB>
 inline void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
@@ -22,15 +32,15 @@ inline void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, i
   int64_t d = 0;
   for (; d + 8 <= depth; d += 8) {
     v8f bv[RB];
-    for (int j = 0; j < RB; ++j) bv[j] = load8(b + j * ldb + d);
+    for (int j = 0; j < RB; ++j) bv[j] = loadv<v8f>(b + j * ldb + d);
     for (int i = 0; i < RA; ++i) {
-      const v8f av = load8(a + i * lda + d);
+      const v8f av = loadv<v8f>(a + i * lda + d);
       for (int j = 0; j < RB; ++j) acc[i][j] += av * bv[j];
     }
   }
   for (int i = 0; i < RA; ++i) {
     for (int j = 0; j < RB; ++j) {
-      float s = hsum8(acc[i][j]);
+      float s = hsum(acc[i][j]);
       for (int64_t t = d; t < depth; ++t) s += a[i * lda + t] * b[j * ldb + t];
       out[i * ldo + j] = s;
     }
@@ -40,7 +50,7 @@ inline void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, i
 // out[rows_a, rows_b] (leading dim ldo) = a[rows_a, depth] . b[rows_b, depth]^T.
 inline void dot_rows(const float* a, int64_t lda, int64_t rows_a, const float* b, int64_t ldb,
                      int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
-  constexpr int kA = 4, kB = 3;
+  constexpr int kA = kTileA, kB = kTileB;
   int64_t j = 0;
   for (; j + kB <= rows_b; j += kB) {
     int64_t i = 0;

@@ -24,8 +24,8 @@ inline int64_t argmax_row(const float* x, int64_t n) {
 
 struct SamplingScratch {
   std::vector<float> prob;
+  std::vector<Candidate> ranked;
   std::vector<int64_t> kept;
-  TopK top;
 };
 
 // Inverse-CDF sample from softmax(x / temperature) restricted by top_k (0: all) and top_p, with the
@@ -51,24 +51,34 @@ inline int64_t sample_row(const float* x, int64_t n, float temperature, int64_t 
     return n - 1;
   }
 
-  // Rank (by logit) the candidates that top-k allows, best first.
-  s.top.reset(top_k > 0 && top_k < n ? top_k : n);
-  s.top.push_block(x, n, 0);
-  std::vector<Candidate> ranked = s.top.take_sorted();
-  int64_t keep = static_cast<int64_t>(ranked.size());
+  // The top-k set first (unordered, O(n)); then for top-p, rank (by logit) only as long a prefix
+  // of it as needed: it starts at 64 and grows 4x until it holds the nucleus.
+  s.ranked.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) s.ranked[i] = Candidate{x[i], i};
+  const auto begin = s.ranked.begin();
+  const int64_t limit = top_k > 0 && top_k < n ? top_k : n;
+  if (limit < n) std::nth_element(begin, begin + limit, s.ranked.end(), BetterFirst());
+  int64_t keep = limit;
   if (top_p < 1.0f) {
-    double mass = 0.0;
-    for (const Candidate& c : ranked) mass += s.prob[c.id];
-    double before = 0.0;
-    int64_t j = 0;
-    for (; j < keep; ++j) {
-      if (j > 0 && !(before < top_p)) break;
-      before += s.prob[ranked[j].id] / mass;
+    double mass = 0.0;  // the nucleus is measured against the mass that top-k keeps
+    for (int64_t j = 0; j < limit; ++j) mass += s.prob[s.ranked[j].id];
+    for (int64_t prefix = std::min<int64_t>(64, limit);; prefix = std::min(4 * prefix, limit)) {
+      if (prefix < limit) std::nth_element(begin, begin + prefix, begin + limit, BetterFirst());
+      std::sort(begin, begin + prefix, BetterFirst());
+      double before = 0.0;
+      int64_t j = 0;
+      for (; j < prefix; ++j) {
+        if (j > 0 && !(before < top_p)) break;
+        before += s.prob[s.ranked[j].id] / mass;
+      }
+      if (j < prefix || prefix == limit) {
+        keep = j;
+        break;
+      }
     }
-    keep = j;
   }
   s.kept.resize(static_cast<size_t>(keep));
-  for (int64_t j = 0; j < keep; ++j) s.kept[j] = ranked[j].id;
+  for (int64_t j = 0; j < keep; ++j) s.kept[j] = s.ranked[j].id;
   std::sort(s.kept.begin(), s.kept.end());
   double total = 0.0;
   for (int64_t id : s.kept) total += s.prob[id];

@@ -1,5 +1,6 @@
-// Eight-lane float32 vectors through GCC/Clang vector extensions: AVX2/FMA instructions when the
-// target has them, SSE pairs (or scalar code) otherwise. Host code only.
+// Fixed-width float32 vectors through GCC/Clang vector extensions: v8f (8 lanes) and v16f (16
+// lanes) become AVX2 / AVX-512 instructions when the target has them and are split into narrower
+// ones otherwise, so the same code is correct everywhere and fast where the ISA allows. Host only.
 #pragma once
 
 #include <cstdint>
@@ -9,49 +10,69 @@ namespace mtp_ext {
 namespace kernels {
 
 typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
 
-inline v8f load8(const float* p) {
-  v8f v;
+template <typename V>
+constexpr int lanes() {
+  return static_cast<int>(sizeof(V) / sizeof(float));
+}
+
+template <typename V>
+inline V splat(float x) {
+  return V{} + x;
+}
+
+template <typename V>
+inline V loadv(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-
-inline float hsum8(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+template <typename V>
+inline void storev(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 
-inline float hmax8(v8f v) {
+template <typename V>
+inline float hsum(V v) {
+  // Pairwise, so the rounding does not depend on a long sequential chain.
+  float buf[lanes<V>()];
+  storev(buf, v);
+  for (int width = lanes<V>() / 2; width >= 1; width /= 2)
+    for (int i = 0; i < width; ++i) buf[i] += buf[i + width];
+  return buf[0];
+}
+
+template <typename V>
+inline float hmax(V v) {
   float m = v[0];
-  for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m;
+  for (int j = 1; j < lanes<V>(); ++j) m = v[j] > m ? v[j] : m;
   return m;
 }
 
 // exp(x) lane-wise for x <= 0: about 2 ulp; 0 below -87.3 (and for -inf); NaN stays NaN.
-inline v8f exp8_nonpositive(v8f x) {
-  const v8f lowest = splat8(-87.3f);
-  const v8f round = splat8(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8i underflow = x < lowest;
-  const v8f xc = underflow ? lowest : x;
-  const v8f shifted = xc * splat8(1.44269504088896341f) + round;
-  const v8f n = shifted - round;
-  v8f r = xc - n * splat8(0.693145751953125f);
-  r = r - n * splat8(1.428606765330187e-06f);
-  v8f p = splat8(1.0f / 720.0f);
-  p = p * r + splat8(1.0f / 120.0f);
-  p = p * r + splat8(1.0f / 24.0f);
-  p = p * r + splat8(1.0f / 6.0f);
-  p = p * r + splat8(0.5f);
-  p = p * r + splat8(1.0f);
-  p = p * r + splat8(1.0f);
-  const v8i e = ((v8i)shifted - (v8i)round) + 127;
-  const v8f y = p * (v8f)(e << 23);
-  const v8f zero = splat8(0.0f);
-  const v8f finite = underflow ? zero : y;
+template <typename V>
+inline V exp_nonpositive(V x) {
+  using I = decltype(x < x);
+  const V lowest = splat<V>(-87.3f);
+  const V round = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const I underflow = x < lowest;
+  const V xc = underflow ? lowest : x;
+  const V shifted = xc * 1.44269504088896341f + round;
+  const V n = shifted - round;
+  V r = xc - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  V p = splat<V>(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const I e = ((I)shifted - (I)round) + 127;
+  const V y = p * (V)(e << 23);
+  const V finite = underflow ? splat<V>(0.0f) : y;
   return x != x ? x : finite;
 }
 

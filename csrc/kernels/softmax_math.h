@@ -12,33 +12,36 @@
 namespace mtp_ext {
 namespace kernels {
 
+// The vector type of the row loops: 16 lanes (one AVX-512 register, or two AVX2 ones).
+typedef v16f vrow;
+constexpr int kRowLanes = lanes<vrow>();
+
 // exp(x) for x <= 0 with about 2 ulp error; 0 for x below -87.3 (and for -inf); NaN stays NaN.
-inline float exp_nonpositive(float x) { return exp8_nonpositive(splat8(x))[0]; }
+inline float exp_nonpositive(float x) { return exp_nonpositive(splat<v8f>(x))[0]; }
 
 // Largest value of x[0..n) ignoring NaN; -inf when there is none.
 inline float block_max(const float* x, int64_t n) {
-  v8f lane = splat8(-std::numeric_limits<float>::infinity());
+  vrow lane = splat<vrow>(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const v8f v = load8(x + i);
+  for (; i + kRowLanes <= n; i += kRowLanes) {
+    const vrow v = loadv<vrow>(x + i);
     lane = v > lane ? v : lane;
   }
-  float m = hmax8(lane);
+  float m = hmax(lane);
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
 // sum_i exp((x[i] - max) * scale); NaN if any x is NaN.
 inline float block_sum_exp(const float* x, int64_t n, float max, float scale) {
-  v8f acc0 = splat8(0.0f), acc1 = splat8(0.0f);
-  const v8f vmax = splat8(max), vscale = splat8(scale);
+  vrow acc0 = splat<vrow>(0.0f), acc1 = splat<vrow>(0.0f);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += exp8_nonpositive((load8(x + i) - vmax) * vscale);
-    acc1 += exp8_nonpositive((load8(x + i + 8) - vmax) * vscale);
+  for (; i + 2 * kRowLanes <= n; i += 2 * kRowLanes) {
+    acc0 += exp_nonpositive((loadv<vrow>(x + i) - max) * scale);
+    acc1 += exp_nonpositive((loadv<vrow>(x + i + kRowLanes) - max) * scale);
   }
-  for (; i + 8 <= n; i += 8) acc0 += exp8_nonpositive((load8(x + i) - vmax) * vscale);
-  float s = hsum8(acc0 + acc1);
+  for (; i + kRowLanes <= n; i += kRowLanes) acc0 += exp_nonpositive((loadv<vrow>(x + i) - max) * scale);
+  float s = hsum(acc0 + acc1);
   for (; i < n; ++i) s += exp_nonpositive((x[i] - max) * scale);
   return s;
 }
@@ -46,10 +49,9 @@ inline float block_sum_exp(const float* x, int64_t n, float max, float scale) {
 // out[i] += weight * exp((x[i] - max) * scale)
 inline void block_add_scaled_exp(const float* x, int64_t n, float max, float scale, float weight,
                                  float* out) {
-  const v8f vmax = splat8(max), vscale = splat8(scale), vw = splat8(weight);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    store8(out + i, load8(out + i) + vw * exp8_nonpositive((load8(x + i) - vmax) * vscale));
+  for (; i + kRowLanes <= n; i += kRowLanes)
+    storev(out + i, loadv<vrow>(out + i) + weight * exp_nonpositive((loadv<vrow>(x + i) - max) * scale));
   for (; i < n; ++i) out[i] += weight * exp_nonpositive((x[i] - max) * scale);
 }
 

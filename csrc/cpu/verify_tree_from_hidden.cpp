@@ -1,0 +1,95 @@
+// CPU kernel of verify_tree_from_hidden: greedy tree verification straight from the last hidden
+// states. The final RMSNorm is applied to the B x T rows, the output layer is streamed once for all
+// of them with a running argmax per row (the [B, T, V] logits are never written), then each row's
+// tree is walked.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../kernels/dot_tile.h"
+#include "../kernels/ranking.h"
+#include "../kernels/tree.h"
+#include "cpu_utils.h"
+#include "table_stream.h"
+
+namespace mtp_ext {
+namespace cpu {
+namespace {
+
+using kernels::better;
+
+// [rows, D] float32 contiguous: RMSNorm(hidden) * norm_weight, or hidden as float32.
+at::Tensor final_norm(const at::Tensor& hidden, const c10::optional<at::Tensor>& norm_weight,
+                      double eps) {
+  at::Tensor x = hidden.reshape({-1, hidden.size(-1)}).to(at::kFloat);
+  if (norm_weight.has_value()) {
+    x = x * at::rsqrt(x.pow(2).mean(-1, true).add_(eps)) * norm_weight->to(at::kFloat);
+  }
+  return x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
+    const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& hidden,
+    const at::Tensor& lm_head, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* op = "mtp_ext.verify_tree_from_hidden";
+  check_verify_tree_from_hidden(draft_tokens, parents, hidden, lm_head, norm_weight, eps);
+  const at::Tensor par = parents.contiguous();
+  check_tree_values(par, op);
+  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1), depth = hidden.size(2);
+  const int64_t vocab = lm_head.size(0), rows = b * t;
+  const auto idx = draft_tokens.options().dtype(at::kLong);
+  at::Tensor num_accepted = at::zeros({b}, idx);
+  at::Tensor tokens = at::empty({b, t}, idx);
+  at::Tensor path = at::empty({b, t}, idx);
+  if (b == 0) return {num_accepted, tokens, path};
+
+  const at::Tensor z = final_norm(hidden, norm_weight, eps);
+  const at::Tensor table = lm_head.contiguous();
+  const int64_t parts = table_parts(vocab);
+  std::vector<std::vector<Candidate>> best(static_cast<size_t>(parts));
+  std::vector<std::vector<float>> scratch(static_cast<size_t>(parts));
+  for (int64_t p = 0; p < parts; ++p) {
+    best[p].assign(static_cast<size_t>(rows), Candidate{-std::numeric_limits<float>::infinity(), -1});
+    scratch[p].resize(static_cast<size_t>(rows * kTableBlock));
+  }
+  const float* zp = z.const_data_ptr<float>();
+  dispatch_floating(lm_head.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    stream_table(data_as<T>(table), vocab, depth,
+                 [&](int64_t part, const float* block, int64_t v, int64_t nb) {
+                   float* logits = scratch[part].data();
+                   kernels::dot_rows(zp, depth, rows, block, depth, nb, depth, logits, kTableBlock);
+                   for (int64_t r = 0; r < rows; ++r) {
+                     Candidate& top = best[part][r];
+                     const float* lr = logits + r * kTableBlock;
+                     for (int64_t j = 0; j < nb; ++j) {
+                       if (top.id < 0 || kernels::ranks_above(lr[j], top.value)) top = {lr[j], v + j};
+                     }
+                   }
+                 });
+  });
+  std::vector<int64_t> target(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    Candidate top = best[0][r];
+    for (int64_t p = 1; p < parts; ++p)
+      if (best[p][r].id >= 0 && better(best[p][r], top)) top = best[p][r];
+    target[r] = top.id;
+  }
+  const at::Tensor draft = draft_tokens.contiguous();
+  const int64_t par_row_stride = par.dim() == 2 ? t : 0;
+  for (int64_t i = 0; i < b; ++i) {
+    num_accepted.data_ptr<int64_t>()[i] = kernels::walk_tree(
+        draft.const_data_ptr<int64_t>() + i * t, par.const_data_ptr<int64_t>() + i * par_row_stride,
+        t, [&](int64_t node) { return target[i * t + node]; }, tokens.data_ptr<int64_t>() + i * t,
+        path.data_ptr<int64_t>() + i * t);
+  }
+  return {num_accepted, tokens, path};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
+  m.impl("verify_tree_from_hidden", &verify_tree_from_hidden_cpu);
+}
+
+}  // namespace cpu
+}  // namespace mtp_ext
