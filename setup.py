@@ -5,7 +5,8 @@ is a CUDA build and CUDA_HOME (or nvcc) is found; a GPU is not needed to build t
 
 * ``MTP_EXT_CPU_FLAGS``: extra compiler flags for the CPU kernels. By default the AVX2/FMA/F16C
   instruction sets are enabled when the building machine has them (``-mavx2 -mfma -mf16c``, plus
-  ``-mavx512f -mavx512vl -mavx512bw -mavx512dq`` where AVX-512 is present); set it
+  ``-mavx512f -mavx512vl -mavx512bw -mavx512dq`` where AVX-512 is present, and ``-mavx512bf16``
+  for the bfloat16 dot products where that is present too); set it
   to an empty string for a portable build.
 * ``MTP_EXT_FORCE_CPU=1``: skip the CUDA kernels even on a CUDA build of torch.
 * ``TORCH_CUDA_ARCH_LIST``: the GPU architectures to compile for (for example ``"8.0;9.0"``).
@@ -40,6 +41,7 @@ def host_cpu_flags() -> list[str]:
     wanted = {"avx2": "-mavx2", "fma": "-mfma", "f16c": "-mf16c"}
     if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
         wanted.update(avx512f="-mavx512f", avx512vl="-mavx512vl", avx512bw="-mavx512bw", avx512dq="-mavx512dq")
+        wanted.update(avx512_bf16="-mavx512bf16")
     return [flag for name, flag in wanted.items() if name in flags]
 
 

@@ -42,7 +42,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
   at::Tensor path = at::empty({b, t}, idx);
   if (b == 0) return {num_accepted, tokens, path};
 
-  const at::Tensor z = final_norm(hidden, norm_weight, eps);
   const at::Tensor table = lm_head.contiguous();
   const int64_t parts = table_parts(vocab);
   std::vector<std::vector<Candidate>> best(static_cast<size_t>(parts));
@@ -51,22 +50,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
     best[p].assign(static_cast<size_t>(rows), Candidate{-std::numeric_limits<float>::infinity(), -1});
     scratch[p].resize(static_cast<size_t>(rows * kTableBlock));
   }
-  const float* zp = z.const_data_ptr<float>();
-  dispatch_floating(lm_head.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    stream_table(data_as<T>(table), vocab, depth,
-                 [&](int64_t part, const float* block, int64_t v, int64_t nb) {
-                   float* logits = scratch[part].data();
-                   kernels::dot_rows(zp, depth, rows, block, depth, nb, depth, logits, kTableBlock);
-                   for (int64_t r = 0; r < rows; ++r) {
-                     Candidate& top = best[part][r];
-                     const float* lr = logits + r * kTableBlock;
-                     for (int64_t j = 0; j < nb; ++j) {
-                       if (top.id < 0 || kernels::ranks_above(lr[j], top.value)) top = {lr[j], v + j};
-                     }
-                   }
-                 });
-  });
+  // Folds one block of logits [rows, kTableBlock] into the part's running argmax per row.
+  auto fold = [&](int64_t part, const float* logits, int64_t v, int64_t nb) {
+    for (int64_t r = 0; r < rows; ++r) {
+      Candidate& top = best[part][r];
+      const float* lr = logits + r * kTableBlock;
+      for (int64_t j = 0; j < nb; ++j) {
+        if (top.id < 0 || kernels::ranks_above(lr[j], top.value)) top = {lr[j], v + j};
+      }
+    }
+  };
+  bool done = false;
+#if MTP_EXT_HAS_BF16_DOT
+  if (!norm_weight.has_value() && hidden.scalar_type() == at::kBFloat16 &&
+      lm_head.scalar_type() == at::kBFloat16) {
+    // A bfloat16 model's normed states against its bfloat16 output layer: pair dot products on
+    // the stored bits (exact products, float32 sums), half the bytes of the converted path.
+    const at::Tensor hb = hidden.reshape({rows, depth}).contiguous();
+    const auto* hp = data_as<kernels::bf16>(hb);
+    const auto* wp = data_as<kernels::bf16>(table);
+    for_each_table_block(vocab, [&](int64_t part, int64_t v, int64_t nb) {
+      float* logits = scratch[part].data();
+      kernels::dot_rows_bf16(hp, depth, rows, wp + v * depth, depth, nb, depth, logits, kTableBlock);
+      fold(part, logits, v, nb);
+    });
+    done = true;
+  }
+#endif
+  if (!done) {
+    const at::Tensor z = final_norm(hidden, norm_weight, eps);
+    const float* zp = z.const_data_ptr<float>();
+    dispatch_floating(lm_head.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      stream_table(data_as<T>(table), vocab, depth,
+                   [&](int64_t part, const float* block, int64_t v, int64_t nb) {
+                     float* logits = scratch[part].data();
+                     kernels::dot_rows(zp, depth, rows, block, depth, nb, depth, logits, kTableBlock);
+                     fold(part, logits, v, nb);
+                   });
+    });
+  }
   std::vector<int64_t> target(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     Candidate top = best[0][r];
