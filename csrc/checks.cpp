@@ -48,6 +48,15 @@ void check_k(int64_t k, int64_t vocab, const char* op, const char* name) {
                     "], got ", k);
 }
 
+void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::Tensor& hidden,
+                       int64_t depth, const char* op) {
+  if (!norm_weight.has_value()) return;
+  check_floating(*norm_weight, op, "norm_weight");
+  check_dims(*norm_weight, 1, "[D]", op, "norm_weight");
+  check_size(*norm_weight, 0, depth, op, "norm_weight", "D");
+  check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
+}
+
 void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature) {
   const char* op = "mtp_ext.softmax_topk";
   check_floating(logits, op, "logits");
@@ -94,12 +103,7 @@ void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
     check_size(*bias, 1, d, op, "bias", "D");
     check_same_device(hidden, *bias, op, "hidden", "bias");
   }
-  if (norm_weight.has_value()) {
-    check_floating(*norm_weight, op, "norm_weight");
-    check_dims(*norm_weight, 1, "[D]", op, "norm_weight");
-    check_size(*norm_weight, 0, d, op, "norm_weight", "D");
-    check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
-  }
+  check_norm_weight(norm_weight, hidden, d, op);
   check_k(k, lm_head.size(0), op, "k");
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   if (vocab_ids.has_value()) {
@@ -165,12 +169,7 @@ void check_verify_tree_from_hidden(const at::Tensor& draft_tokens, const at::Ten
                     shape_str(lm_head));
   check_same_device(draft_tokens, hidden, op, "draft_tokens", "hidden");
   check_same_device(hidden, lm_head, op, "hidden", "lm_head");
-  if (norm_weight.has_value()) {
-    check_floating(*norm_weight, op, "norm_weight");
-    check_dims(*norm_weight, 1, "[D]", op, "norm_weight");
-    check_size(*norm_weight, 0, hidden.size(2), op, "norm_weight", "D");
-    check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
-  }
+  check_norm_weight(norm_weight, hidden, hidden.size(2), op);
   TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
 }
 

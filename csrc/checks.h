@@ -19,6 +19,8 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
 void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
                 const char* name, const char* what);
 void check_k(int64_t k, int64_t vocab, const char* op, const char* name);
+void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::Tensor& hidden,
+                       int64_t depth, const char* op);
 
 void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature);
 void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op);

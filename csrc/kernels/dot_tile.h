@@ -55,25 +55,40 @@ inline void dot_tile(const float* a, int64_t lda, const float* b, int64_t ldb, i
   }
 }
 
-// out[rows_a, rows_b] (leading dim ldo) = a[rows_a, depth] . b[rows_b, depth]^T.
-inline void dot_rows(const float* a, int64_t lda, int64_t rows_a, const float* b, int64_t ldb,
-                     int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
-  constexpr int kA = kTileA, kB = kTileB;
+// Covers out[rows_a, rows_b] with Tile::run<RA, RB> calls: kA x kB tiles, then the edges one row
+// of a or b at a time. Tile::run(a, lda, b, ldb, depth, out, ldo) computes one RA x RB tile.
+template <int kA, int kB, typename Tile, typename TA, typename TB>
+inline void for_each_tile(const TA* a, int64_t lda, int64_t rows_a, const TB* b, int64_t ldb,
+                          int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
   int64_t j = 0;
   for (; j + kB <= rows_b; j += kB) {
     int64_t i = 0;
     for (; i + kA <= rows_a; i += kA)
-      dot_tile<kA, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+      Tile::template run<kA, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
     for (; i < rows_a; ++i)
-      dot_tile<1, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+      Tile::template run<1, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
   }
   for (; j < rows_b; ++j) {
     int64_t i = 0;
     for (; i + kA <= rows_a; i += kA)
-      dot_tile<kA, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+      Tile::template run<kA, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
     for (; i < rows_a; ++i)
-      dot_tile<1, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
+      Tile::template run<1, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
   }
+}
+
+struct FloatTile {
+  template <int RA, int RB>
+  static void run(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                  float* out, int64_t ldo) {
+    dot_tile<RA, RB>(a, lda, b, ldb, depth, out, ldo);
+  }
+};
+
+// out[rows_a, rows_b] (leading dim ldo) = a[rows_a, depth] . b[rows_b, depth]^T.
+inline void dot_rows(const float* a, int64_t lda, int64_t rows_a, const float* b, int64_t ldb,
+                     int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
+  for_each_tile<kTileA, kTileB, FloatTile>(a, lda, rows_a, b, ldb, rows_b, depth, out, ldo);
 }
 
 #if MTP_EXT_HAS_BF16_DOT
@@ -107,25 +122,18 @@ inline void dot_tile_bf16(const bf16* a, int64_t lda, const bf16* b, int64_t ldb
   }
 }
 
+struct Bf16Tile {
+  template <int RA, int RB>
+  static void run(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t depth,
+                  float* out, int64_t ldo) {
+    dot_tile_bf16<RA, RB>(a, lda, b, ldb, depth, out, ldo);
+  }
+};
+
 // out[rows_a, rows_b] = a[rows_a, depth] . b[rows_b, depth]^T, all bfloat16 in, float32 out.
 inline void dot_rows_bf16(const bf16* a, int64_t lda, int64_t rows_a, const bf16* b, int64_t ldb,
                           int64_t rows_b, int64_t depth, float* out, int64_t ldo) {
-  constexpr int kA = 4, kB = 4;
-  int64_t j = 0;
-  for (; j + kB <= rows_b; j += kB) {
-    int64_t i = 0;
-    for (; i + kA <= rows_a; i += kA)
-      dot_tile_bf16<kA, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
-    for (; i < rows_a; ++i)
-      dot_tile_bf16<1, kB>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
-  }
-  for (; j < rows_b; ++j) {
-    int64_t i = 0;
-    for (; i + kA <= rows_a; i += kA)
-      dot_tile_bf16<kA, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
-    for (; i < rows_a; ++i)
-      dot_tile_bf16<1, 1>(a + i * lda, lda, b + j * ldb, ldb, depth, out + i * ldo + j, ldo);
-  }
+  for_each_tile<4, 4, Bf16Tile>(a, lda, rows_a, b, ldb, rows_b, depth, out, ldo);
 }
 #pragma GCC diagnostic pop
 #endif
