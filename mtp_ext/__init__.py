@@ -25,6 +25,18 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"heads": None, "MTPHeads": "heads", "MTPHeadsConfig": "heads"}
+
+
+def __getattr__(name: str):
+    """Lazy imports: ``mtp_ext.heads``, ``mtp_ext.MTPHeads``, ``mtp_ext.MTPHeadsConfig``."""
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(".heads", __name__)
+        return module if _LAZY[name] is None else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ops",
     "reference",
@@ -40,5 +52,8 @@ __all__ = [
     "fast_cpu",
     "FastCPU",
     "SmallBatchLinear",
+    "heads",
+    "MTPHeads",
+    "MTPHeadsConfig",
     "__version__",
 ]

@@ -1,0 +1,557 @@
+"""Multi-token prediction heads on a frozen backbone (``mtp_ext.heads``).
+
+``MTPHeads`` holds ``H`` heads; head ``h`` (``h = 1..H``) reads the feature of position ``t`` and
+predicts the token at ``t + 1 + h`` (the backbone itself predicts ``t + 1``). The unembedding
+(``lm_head`` weight ``[V, D]``), the final RMSNorm weight ``[D]`` and, for conditioned heads, the
+input embedding ``[V, D]`` are the backbone's own: they are held as non-persistent buffers that
+share storage with the backbone (detached: never trained, never saved in the heads file).
+
+Which hidden state feeds the heads (``config.layer``), indexing the tuple a transformers model
+returns with ``output_hidden_states=True`` (``L + 1`` tensors: the embeddings, then one per layer):
+
+- an int (default ``-1``, the last element). In transformers, the last element of
+  ``hidden_states`` is the model's ``last_hidden_state``, which Llama-style models return *after*
+  their final norm; every other element is a residual-stream state before any norm.
+- ``"whs"``: weighted hidden states, ``x = sum_l softmax(a)_l * hidden_states[l]`` over all
+  ``L + 1`` elements, with learned scalars ``a[L + 1]`` (or ``a[L + 1, D]``, a softmax per channel,
+  with ``whs_per_channel``), initialized to zero (a uniform average).
+
+Final norm rule (the issue: "the final norm is applied when the input is not the last layer's
+output"): the backbone's final RMSNorm is applied to each head's output feature before the
+unembedding unless the heads read the last element of ``hidden_states`` alone (which is already
+normed), so a zero-initialized residual head on the last layer reproduces the backbone's own
+next-token logits exactly. With ``"whs"`` the norm is always applied.
+
+Kinds (``config.kind``):
+
+- ``"resblock"`` (Medusa): ``z = x + SiLU(x W_h^T + b_h)``, ``W`` and ``b`` initialized to zero,
+  so a fresh head predicts what the backbone predicts. :meth:`MTPHeads.draft` runs all heads in one
+  call of :func:`mtp_ext.ops.fused_mtp_heads` (one pass over ``lm_head``).
+- ``"linear"``: ``z = W_h x``, ``W`` initialized to the identity.
+- ``"conditioned"`` (DeepSeek-V3 MTP / EAGLE style): depth ``d`` computes
+  ``p = P_d [RMSNorm_h(f_{d-1}); RMSNorm_e(embed(tok_d))]`` and ``f_d = p + SiLU(p W_d^T + b_d)``
+  with ``f_0 = x``; ``P_d: 2D -> D`` starts as the identity on the hidden half and zero on the
+  embedding half, ``W_d``, ``b_d`` start at zero and the two RMSNorm weights at one. ``tok_1`` is
+  the token at ``t + 1`` (``next_tokens``); ``tok_{d+1}`` is the token at ``t + 1 + d``: the true
+  one under teacher forcing (:meth:`MTPHeads.forward` with ``next_tokens[..., H]``), or depth
+  ``d``'s own top-1 draft (:meth:`MTPHeads.draft`, and ``forward`` with ``next_tokens[...]``).
+- ``"transformer"`` (one decoder block per head) is not implemented yet.
+
+Draft vocabulary: with ``config.draft_vocab_size = N`` the heads project onto ``N`` rows of the
+unembedding only (buffer ``vocab_ids[N]``, set by :meth:`MTPHeads.set_draft_vocab`, saved in the
+heads file); ``forward`` then returns logits over those ``N`` tokens (column ``j`` is token
+``vocab_ids[j]``; :meth:`MTPHeads.draft_index` maps full-vocabulary targets to columns), and
+``draft`` returns full-vocabulary ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .reference import stable_topk
+
+__all__ = ["MTPHeadsConfig", "MTPHeads", "KINDS"]
+
+KINDS = ("resblock", "linear", "conditioned")
+_NOT_IMPLEMENTED_KINDS = ("transformer",)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "heads.safetensors"
+
+
+@dataclasses.dataclass
+class MTPHeadsConfig:
+    """Configuration of :class:`MTPHeads` (saved as ``config.json``).
+
+    Attributes:
+        num_heads: ``H >= 1``; head ``h`` predicts the token at ``t + 1 + h``.
+        hidden_size: the backbone's ``D``.
+        vocab_size: the backbone's ``V`` (rows of its unembedding).
+        kind: ``"resblock"``, ``"linear"`` or ``"conditioned"``.
+        layer: index into the backbone's ``hidden_states`` tuple (default -1, the last), or
+            ``"whs"`` (learned softmax-weighted sum over all of them).
+        num_layers: the backbone's number of decoder layers ``L`` (``hidden_states`` has ``L + 1``
+            elements); required for ``"whs"`` and for a non-negative ``layer``, recorded otherwise.
+        whs_per_channel: with ``"whs"``, one softmax per channel (weights ``[L + 1, D]``).
+        draft_vocab_size: ``N`` to draft over ``N`` tokens only, or None for the whole vocabulary.
+        backbone: the backbone's name (``model.name_or_path``), checked on loading when recorded.
+        rms_norm_eps: epsilon of the backbone's final RMSNorm (also used by the conditioned heads'
+            own RMSNorms).
+    """
+
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    kind: str = "resblock"
+    layer: Union[int, str] = -1
+    num_layers: int | None = None
+    whs_per_channel: bool = False
+    draft_vocab_size: int | None = None
+    backbone: str = ""
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind in _NOT_IMPLEMENTED_KINDS:
+            raise NotImplementedError(
+                f"MTPHeads kind {self.kind!r} is not implemented yet; available: {list(KINDS)}"
+            )
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if int(self.num_heads) < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if int(self.hidden_size) < 1 or int(self.vocab_size) < 1:
+            raise ValueError(
+                f"hidden_size and vocab_size must be >= 1, got {self.hidden_size}, "
+                f"{self.vocab_size}"
+            )
+        if isinstance(self.layer, str):
+            if self.layer != "whs":
+                raise ValueError(f"layer must be an int or 'whs', got {self.layer!r}")
+            if self.num_layers is None:
+                raise ValueError("layer='whs' needs num_layers (the backbone's layer count)")
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"layer must be an int or 'whs', got {self.layer!r}")
+        elif self.num_layers is not None:
+            n = self.num_layers + 1
+            if not -n <= self.layer < n:
+                raise ValueError(
+                    f"layer must be in [-{n}, {n}) for a backbone with {self.num_layers} layers "
+                    f"({n} hidden states), got {self.layer}"
+                )
+        elif self.layer >= 0:
+            raise ValueError(f"layer={self.layer} (non-negative) needs num_layers")
+        if self.whs_per_channel and self.layer != "whs":
+            raise ValueError("whs_per_channel needs layer='whs'")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
+                f"got {self.draft_vocab_size}"
+            )
+
+    @property
+    def reads_last(self) -> bool:
+        """True when the heads read the last element of ``hidden_states`` alone (already normed)."""
+        if self.layer == "whs":
+            return False
+        if self.layer < 0:
+            return self.layer == -1
+        return self.layer == self.num_layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MTPHeadsConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-style RMSNorm: computed in float32, cast back, times ``weight``."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def _model_name(model) -> str:
+    name = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", ""
+    )
+    return str(name or "")
+
+
+def _backbone_parts(model):
+    """``(lm_head [V, D], final norm weight [D] or None, eps, input embedding [V, D])``."""
+    out = model.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise ValueError("model has no output embeddings (get_output_embeddings() is None)")
+    emb = model.get_input_embeddings()
+    norm = None
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "norm"):
+        norm = inner.norm
+    elif hasattr(model, "get_decoder"):
+        norm = getattr(model.get_decoder(), "norm", None)
+    cfg = getattr(model, "config", None)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+    norm_w = getattr(norm, "weight", None) if norm is not None else None
+    return out.weight, norm_w, float(eps), (emb.weight if emb is not None else None)
+
+
+class MTPHeads(nn.Module):
+    """``H`` multi-token prediction heads sharing the backbone's frozen unembedding.
+
+    Args:
+        config: an :class:`MTPHeadsConfig`.
+        lm_head: ``[V, D]`` the backbone's output embedding weight (shared, frozen).
+        norm_weight: ``[D]`` the backbone's final RMSNorm weight, or None (no final norm).
+        embed: ``[V, D]`` the backbone's input embedding weight; required for ``"conditioned"``.
+        dtype: dtype of the heads' parameters (default: ``lm_head``'s).
+    """
+
+    def __init__(
+        self,
+        config: MTPHeadsConfig,
+        lm_head: torch.Tensor,
+        norm_weight: torch.Tensor | None = None,
+        embed: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        H, D, V = config.num_heads, config.hidden_size, config.vocab_size
+        if tuple(lm_head.shape) != (V, D):
+            raise ValueError(f"lm_head must have shape [{V}, {D}], got {list(lm_head.shape)}")
+        if norm_weight is not None and tuple(norm_weight.shape) != (D,):
+            raise ValueError(f"norm_weight must have shape [{D}], got {list(norm_weight.shape)}")
+        if config.kind == "conditioned":
+            if embed is None:
+                raise ValueError("kind='conditioned' needs the backbone's input embedding (embed)")
+            if embed.shape[-1] != D:
+                raise ValueError(f"embed must have shape [*, {D}], got {list(embed.shape)}")
+        dtype = dtype or lm_head.dtype
+        device = lm_head.device
+        # Shared, frozen, not saved: detached views of the backbone's own tensors.
+        self.register_buffer("lm_head_weight", lm_head.detach(), persistent=False)
+        self.register_buffer(
+            "norm_weight", None if norm_weight is None else norm_weight.detach(), persistent=False
+        )
+        self.register_buffer(
+            "embed_weight",
+            None if (embed is None or config.kind != "conditioned") else embed.detach(),
+            persistent=False,
+        )
+        kw = dict(device=device, dtype=dtype)
+        if config.kind == "resblock":
+            self.weight = nn.Parameter(torch.zeros(H, D, D, **kw))
+            self.bias = nn.Parameter(torch.zeros(H, D, **kw))
+        elif config.kind == "linear":
+            self.weight = nn.Parameter(torch.eye(D, **kw).expand(H, D, D).clone())
+        else:  # conditioned
+            proj = torch.zeros(H, D, 2 * D, **kw)
+            proj[:, :, :D] = torch.eye(D, **kw)
+            self.proj = nn.Parameter(proj)
+            self.hnorm = nn.Parameter(torch.ones(H, D, **kw))
+            self.enorm = nn.Parameter(torch.ones(H, D, **kw))
+            self.weight = nn.Parameter(torch.zeros(H, D, D, **kw))
+            self.bias = nn.Parameter(torch.zeros(H, D, **kw))
+        if config.layer == "whs":
+            n = config.num_layers + 1
+            shape = (n, D) if config.whs_per_channel else (n,)
+            self.whs_logits = nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32))
+        if config.draft_vocab_size is not None:
+            self.register_buffer(
+                "vocab_ids", torch.arange(config.draft_vocab_size, device=device, dtype=torch.long)
+            )
+        else:
+            self.vocab_ids = None
+
+    # ------------------------------------------------------------------------------------------
+    # Construction and persistence
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def for_model(
+        cls,
+        model,
+        num_heads: int,
+        kind: str = "resblock",
+        layer: Union[int, str] = -1,
+        whs_per_channel: bool = False,
+        draft_vocab_size: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "MTPHeads":
+        """Fresh heads for a transformers causal LM (its lm_head, final norm and embeddings)."""
+        lm_head, norm_w, eps, embed = _backbone_parts(model)
+        cfg = model.config
+        config = MTPHeadsConfig(
+            num_heads=num_heads,
+            hidden_size=int(lm_head.shape[1]),
+            vocab_size=int(lm_head.shape[0]),
+            kind=kind,
+            layer=layer,
+            num_layers=getattr(cfg, "num_hidden_layers", None),
+            whs_per_channel=whs_per_channel,
+            draft_vocab_size=draft_vocab_size,
+            backbone=_model_name(model),
+            rms_norm_eps=eps,
+        )
+        return cls(config, lm_head, norm_w, embed, dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``heads.safetensors`` (the heads' own parameters and draft vocabulary ids only)
+        and ``config.json``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, model, dtype: torch.dtype | None = None
+    ) -> "MTPHeads":
+        """Load heads saved by :meth:`save_pretrained` onto ``model`` (a transformers causal LM).
+
+        Raises ValueError naming what differs when the backbone's hidden size, vocabulary size,
+        number of layers or (when both are recorded) name do not match the saved config.
+        """
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            config = MTPHeadsConfig.from_dict(json.load(f))
+        lm_head, norm_w, eps, embed = _backbone_parts(model)
+        found = {
+            "hidden_size": int(lm_head.shape[1]),
+            "vocab_size": int(lm_head.shape[0]),
+            "num_layers": getattr(model.config, "num_hidden_layers", None),
+        }
+        for key, value in found.items():
+            want = getattr(config, key)
+            if want is not None and value is not None and want != value:
+                raise ValueError(
+                    f"heads in {str(directory)!r} were trained for a backbone with {key}={want}, "
+                    f"but this model has {key}={value}"
+                )
+        name = _model_name(model)
+        if config.backbone and name and config.backbone != name:
+            raise ValueError(
+                f"heads in {str(directory)!r} were trained for backbone {config.backbone!r}, "
+                f"but this model is {name!r}"
+            )
+        heads = cls(config, lm_head, norm_w, embed, dtype=dtype)
+        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(lm_head.device))
+        heads.load_state_dict(state, strict=True)
+        return heads
+
+    # ------------------------------------------------------------------------------------------
+    # Draft vocabulary
+    # ------------------------------------------------------------------------------------------
+
+    def set_draft_vocab(self, ids: torch.Tensor | Sequence[int]) -> None:
+        """Set the ``N`` full-vocabulary token ids the heads draft over (e.g. the most frequent)."""
+        if self.vocab_ids is None:
+            raise ValueError("set_draft_vocab needs a config with draft_vocab_size set")
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.vocab_ids.device).flatten()
+        n, v = self.config.draft_vocab_size, self.config.vocab_size
+        if ids.numel() != n:
+            raise ValueError(f"ids must hold draft_vocab_size={n} token ids, got {ids.numel()}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise ValueError(f"ids must be in [0, vocab_size={v})")
+        if torch.unique(ids).numel() != n:
+            raise ValueError("ids must be distinct")
+        self.vocab_ids.copy_(ids)
+
+    def draft_index(self, token_ids: torch.Tensor, missing: int = -100) -> torch.Tensor:
+        """Column of each full-vocabulary id in ``forward``'s logits (``missing`` when outside the
+        draft vocabulary, -100 by default: ``cross_entropy``'s ignore index). Identity without a
+        draft vocabulary."""
+        if self.vocab_ids is None:
+            return token_ids
+        table = torch.full(
+            (self.config.vocab_size,), missing, dtype=torch.long, device=token_ids.device
+        )
+        table[self.vocab_ids.to(token_ids.device)] = torch.arange(
+            self.vocab_ids.numel(), device=token_ids.device
+        )
+        return table[token_ids]
+
+    # ------------------------------------------------------------------------------------------
+    # Computation
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def _param_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def _applies_norm(self) -> bool:
+        return self.norm_weight is not None and not self.config.reads_last
+
+    def whs_weights(self) -> torch.Tensor:
+        """The WHS mixing weights: ``[L + 1]`` (or ``[L + 1, D]``), a softmax over layers."""
+        if self.config.layer != "whs":
+            raise ValueError("whs_weights needs layer='whs'")
+        return torch.softmax(self.whs_logits, dim=0)
+
+    def select_input(self, hidden_states) -> torch.Tensor:
+        """The heads' input ``[..., D]`` from the backbone's ``hidden_states`` tuple (a single
+        tensor is taken as the one to read, which only makes sense for an int ``layer``)."""
+        if isinstance(hidden_states, torch.Tensor):
+            if self.config.layer == "whs":
+                raise ValueError("layer='whs' needs the whole hidden_states tuple, got one tensor")
+            x = hidden_states
+        else:
+            hs = tuple(hidden_states)
+            if self.config.num_layers is not None and len(hs) != self.config.num_layers + 1:
+                raise ValueError(
+                    f"hidden_states must hold num_layers + 1 = {self.config.num_layers + 1} "
+                    f"tensors, got {len(hs)}"
+                )
+            if self.config.layer == "whs":
+                w = self.whs_weights()
+                stacked = torch.stack([h.float() for h in hs], 0)  # [L+1, ..., D]
+                if w.dim() == 1:
+                    w = w.view(-1, *([1] * (stacked.dim() - 1)))
+                else:
+                    w = w.view(w.shape[0], *([1] * (stacked.dim() - 2)), w.shape[1])
+                x = (w * stacked).sum(0)
+            else:
+                x = hs[self.config.layer]
+        if x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden states must end in hidden_size={self.config.hidden_size}, "
+                f"got shape {list(x.shape)}"
+            )
+        return x.to(self._param_dtype)
+
+    def _table(self) -> torch.Tensor:
+        t = self.lm_head_weight
+        if self.vocab_ids is not None:
+            t = t[self.vocab_ids]
+        return t.to(self._param_dtype)
+
+    def _unembed(self, z: torch.Tensor) -> torch.Tensor:
+        if self._applies_norm:
+            z = _rms_norm(z, self.norm_weight.to(z.dtype), self.config.rms_norm_eps)
+        return z @ self._table().T
+
+    def _cond_feature(self, h: int, f: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        e = F.embedding(tok, self.embed_weight).to(f.dtype)
+        cat = torch.cat([_rms_norm(f, self.hnorm[h], eps), _rms_norm(e, self.enorm[h], eps)], -1)
+        p = cat @ self.proj[h].T
+        return p + F.silu(p @ self.weight[h].T + self.bias[h])
+
+    def _check_tokens(self, next_tokens, lead, allow_per_head: bool) -> bool:
+        """Validates ``next_tokens``; returns True when it holds one token per head."""
+        if next_tokens is None:
+            raise ValueError("kind='conditioned' needs next_tokens (the token after each position)")
+        if next_tokens.dtype != torch.long:
+            raise ValueError(f"next_tokens must be int64, got {next_tokens.dtype}")
+        shape = tuple(next_tokens.shape)
+        if shape == tuple(lead):
+            return False
+        if allow_per_head and shape == (*lead, self.config.num_heads):
+            return True
+        want = f"{list(lead)}" + (
+            f" or {list(lead) + [self.config.num_heads]}" if allow_per_head else ""
+        )
+        raise ValueError(f"next_tokens must have shape {want}, got {list(shape)}")
+
+    def forward(self, hidden_states, next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Training path: logits ``[..., H, V]`` (``[..., H, N]`` with a draft vocabulary).
+
+        Args:
+            hidden_states: the backbone's ``hidden_states`` tuple (each ``[..., D]``), or one
+                ``[..., D]`` tensor for an int ``layer``.
+            next_tokens: conditioned heads only, int64. ``[..., H]``: teacher forcing,
+                ``next_tokens[..., d]`` is the true token at ``t + 1 + d`` (see
+                :meth:`teacher_tokens`); ``[...]``: the token at ``t + 1`` only, deeper heads chain
+                through the previous head's argmax (as :meth:`draft` does).
+        Returns:
+            logits of the heads' parameter dtype; ``logits[..., h - 1, :]`` predicts ``t + 1 + h``.
+        """
+        x = self.select_input(hidden_states)
+        kind = self.config.kind
+        if kind == "resblock":
+            z = x.unsqueeze(-2) + F.silu(
+                torch.einsum("...d,hed->...he", x, self.weight) + self.bias
+            )
+            return self._unembed(z)
+        if kind == "linear":
+            return self._unembed(torch.einsum("...d,hed->...he", x, self.weight))
+        per_head = self._check_tokens(next_tokens, x.shape[:-1], allow_per_head=True)
+        f, out = x, []
+        tok = next_tokens[..., 0] if per_head else next_tokens
+        for h in range(self.config.num_heads):
+            f = self._cond_feature(h, f, tok)
+            logits = self._unembed(f)
+            out.append(logits)
+            if h + 1 < self.config.num_heads:
+                if per_head:
+                    tok = next_tokens[..., h + 1]
+                else:
+                    tok = stable_topk(logits.detach().float(), 1)[1][..., 0]
+                    if self.vocab_ids is not None:
+                        tok = self.vocab_ids[tok]
+        return torch.stack(out, -2)
+
+    @staticmethod
+    def teacher_tokens(input_ids: torch.Tensor, num_heads: int, pad_id: int = 0) -> torch.Tensor:
+        """``next_tokens[..., T, H]`` for teacher forcing from ``input_ids[..., T]``:
+        ``next_tokens[..., t, d] = input_ids[..., t + 1 + d]``, ``pad_id`` past the end (those
+        positions have no target for head ``d + 1`` anyway and must be masked from the loss)."""
+        T = input_ids.shape[-1]
+        cols = []
+        for d in range(num_heads):
+            shifted = input_ids[..., 1 + d :]
+            pad = input_ids.new_full((*input_ids.shape[:-1], min(T, 1 + d)), pad_id)
+            cols.append(torch.cat([shifted, pad], -1)[..., :T])
+        return torch.stack(cols, -1)
+
+    @torch.no_grad()
+    def draft(
+        self, hidden_states, k: int, next_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference path: top-``k`` log-probabilities and full-vocabulary ids per head.
+
+        Args:
+            hidden_states: the backbone's ``hidden_states`` tuple (``output_hidden_states=True``),
+                each ``[..., D]`` (or one tensor for an int ``layer``).
+            k: ``1 <= k <= V`` (``<= N`` with a draft vocabulary).
+            next_tokens: ``[...]`` int64, the token after each position (in decoding, the root
+                token); required by conditioned heads, which chain through their own top-1.
+        Returns:
+            ``logprobs[..., H, k]`` float32 (descending) and ``ids[..., H, k]`` int64.
+        """
+        x = self.select_input(hidden_states)
+        lead = x.shape[:-1]
+        n_vocab = self.config.draft_vocab_size or self.config.vocab_size
+        if not 1 <= k <= n_vocab:
+            raise ValueError(f"k must be in [1, {n_vocab}], got {k}")
+        H, D = self.config.num_heads, self.config.hidden_size
+        flat = x.reshape(-1, D)
+        norm_w = self.norm_weight.to(x.dtype) if self._applies_norm else None
+        eps = self.config.rms_norm_eps
+        table = self._table()
+        kind = self.config.kind
+        if kind == "resblock":
+            lp, ids = ops.fused_mtp_heads(
+                flat, self.weight, self.bias, table, k, norm_w, eps, self.vocab_ids
+            )
+        elif kind == "linear":
+            logits = self._unembed(torch.einsum("nd,hed->nhe", flat, self.weight)).float()
+            top_v, top_i = stable_topk(logits, k)
+            lp = top_v - torch.logsumexp(logits, -1, keepdim=True)
+            ids = top_i if self.vocab_ids is None else self.vocab_ids[top_i]
+        else:
+            self._check_tokens(next_tokens, lead, allow_per_head=False)
+            tok = next_tokens.reshape(-1)
+            f = flat
+            lps, idss = [], []
+            for h in range(H):
+                f = self._cond_feature(h, f, tok)
+                # The head's features are already computed: feed them through a zero residual
+                # block so that the fused op only does the norm, unembedding and top-k.
+                zero_w = f.new_zeros(1, D, D)
+                lp_h, ids_h = ops.fused_mtp_heads(
+                    f, zero_w, None, table, k, norm_w, eps, self.vocab_ids
+                )
+                lps.append(lp_h)
+                idss.append(ids_h)
+                tok = ids_h[:, 0, 0]
+            lp, ids = torch.cat(lps, 1), torch.cat(idss, 1)
+        return lp.reshape(*lead, H, k), ids.reshape(*lead, H, k)
