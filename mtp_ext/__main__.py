@@ -1,5 +1,5 @@
-"""Command line: ``mtp-ext info``, ``mtp-ext demo`` and ``mtp-ext assets prepare`` (also
-``python -m mtp_ext ...``)."""
+"""Command line: ``mtp-ext info``, ``mtp-ext demo``, ``mtp-ext assets prepare`` and
+``mtp-ext train-heads`` (also ``python -m mtp_ext ...``)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,67 @@ def _assets(args: argparse.Namespace) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def _layer(value: str):
+    return value if value == "whs" else int(value)
+
+
+def _train_heads(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+
+    import torch
+
+    from .assets import load_model
+    from .heads import MTPHeads
+    from .train import TrainConfig, train_heads
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    if args.tokens:
+        toks = torch.load(args.tokens, map_location="cpu", weights_only=True)
+        texts_train, texts_val = toks["train"], toks["validation"]
+        tokenizer = None
+    else:
+        from .texts import load_text
+
+        names = [n for n in args.texts.split(",") if n]
+        texts_train = [x for n in names for x in load_text(n, "train")]
+        texts_val = [x for n in names for x in load_text(n, "validation")]
+        if args.shuffle_texts:
+            import random
+
+            random.Random(args.seed).shuffle(texts_train)
+    print(f"mtp-ext: loaded model and texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    heads = MTPHeads.for_model(
+        model, num_heads=args.num_heads, kind=args.kind, layer=args.layer,
+        whs_per_channel=args.whs_per_channel,
+    )
+    config = TrainConfig(
+        steps=args.steps, seq_len=args.seq_len, target=args.target,
+        batch_positions=args.batch_positions, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, seed=args.seed,
+        cache_hidden=not args.no_cache, cache_dir=args.cache_dir,
+        max_train_tokens=args.max_train_tokens, max_val_tokens=args.max_val_tokens,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=args.out,
+        resume=not args.no_resume, progress=not args.no_progress, joint=args.joint,
+        joint_seqs=args.joint_seqs, mtp_lambda=args.mtp_lambda, backbone_lr=args.backbone_lr,
+        head_warmup_steps=args.head_warmup_steps,
+    )
+    result = train_heads(model, tokenizer, heads, texts_train, texts_val, config)
+    summary = {k: result[k] for k in ("step", "final", "timing", "train_tokens", "val_tokens")}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    if args.joint:
+        print("mtp-ext: joint mode trained the backbone too; only the heads were saved",
+              file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, build and the backends of every op")
@@ -65,6 +125,47 @@ def main(argv: list[str] | None = None) -> int:
     p_assets.add_argument("--force", action="store_true", help="fetch and parse the texts again")
     p_assets.add_argument("--all-models", action="store_true", help="check every known model")
     p_assets.set_defaults(func=_assets)
+    p_tr = sub.add_parser("train-heads", help="train MTP heads on a backbone (mtp_ext.train)")
+    p_tr.add_argument("--model", default="smollm2-135m", help="known model name or model folder")
+    p_tr.add_argument("--texts", default="web", help="comma-separated mtp_ext.texts names")
+    p_tr.add_argument("--tokens", default=None,
+                      help="a torch file {'train': [N, T] ids, 'validation': [M, T] ids} "
+                           "used instead of --texts (no tokenizer needed)")
+    p_tr.add_argument("--shuffle-texts", action="store_true", help="shuffle the training items")
+    p_tr.add_argument("--kind", default="resblock", choices=["resblock", "linear", "conditioned"])
+    p_tr.add_argument("--num-heads", type=int, default=3)
+    p_tr.add_argument("--layer", type=_layer, default=-1, help="hidden-state index or 'whs'")
+    p_tr.add_argument("--whs-per-channel", action="store_true")
+    p_tr.add_argument("--target", default="greedy", choices=["text", "greedy", "kl"])
+    p_tr.add_argument("--steps", type=int, default=1000)
+    p_tr.add_argument("--seq-len", type=int, default=256)
+    p_tr.add_argument("--batch-positions", type=int, default=512)
+    p_tr.add_argument("--lr", type=float, default=1e-3)
+    p_tr.add_argument("--weight-decay", type=float, default=0.0)
+    p_tr.add_argument("--warmup-steps", type=int, default=20)
+    p_tr.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
+    p_tr.add_argument("--seed", type=int, default=0)
+    p_tr.add_argument("--no-cache", action="store_true",
+                      help="recompute hidden states every step instead of caching them")
+    p_tr.add_argument("--cache-dir", default=None, help="on-disk hidden-state cache folder")
+    p_tr.add_argument("--max-train-tokens", type=int, default=None)
+    p_tr.add_argument("--max-val-tokens", type=int, default=None)
+    p_tr.add_argument("--eval-every", type=int, default=100)
+    p_tr.add_argument("--checkpoint-every", type=int, default=0)
+    p_tr.add_argument("--no-resume", action="store_true")
+    p_tr.add_argument("--no-progress", action="store_true")
+    p_tr.add_argument("--joint", action="store_true", help="train the backbone too")
+    p_tr.add_argument("--joint-seqs", type=int, default=4)
+    p_tr.add_argument("--mtp-lambda", type=float, default=1.0)
+    p_tr.add_argument("--backbone-lr", type=float, default=1e-5)
+    p_tr.add_argument("--head-warmup-steps", type=int, default=0)
+    p_tr.add_argument("--out", required=True, help="output folder (log, checkpoint, heads)")
+    p_tr.set_defaults(func=_train_heads)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     return args.func(args)
 
