@@ -50,11 +50,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
     best[p].assign(static_cast<size_t>(rows), Candidate{-std::numeric_limits<float>::infinity(), -1});
     scratch[p].resize(static_cast<size_t>(rows * kTableBlock));
   }
-  // Folds one block of logits [rows, kTableBlock] into the part's running argmax per row.
+  // Folds one block of logits [rows, kTableBlock] into the part's running argmax per row; a block
+  // is scanned element by element only when its maximum (or a NaN) can beat the running best.
   auto fold = [&](int64_t part, const float* logits, int64_t v, int64_t nb) {
     for (int64_t r = 0; r < rows; ++r) {
       Candidate& top = best[part][r];
       const float* lr = logits + r * kTableBlock;
+      if (top.id >= 0 && !(kernels::block_max(lr, nb) > top.value) &&
+          !kernels::block_has_nan(lr, nb))
+        continue;
       for (int64_t j = 0; j < nb; ++j) {
         if (top.id < 0 || kernels::ranks_above(lr[j], top.value)) top = {lr[j], v + j};
       }

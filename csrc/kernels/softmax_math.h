@@ -32,6 +32,21 @@ inline float block_max(const float* x, int64_t n) {
   return m;
 }
 
+// Whether any of x[0..n) is NaN.
+inline bool block_has_nan(const float* x, int64_t n) {
+  using mask = decltype(splat<vrow>(0.0f) != splat<vrow>(0.0f));
+  mask any = mask{};
+  int64_t i = 0;
+  for (; i + kRowLanes <= n; i += kRowLanes) {
+    const vrow v = loadv<vrow>(x + i);
+    any |= v != v;
+  }
+  bool found = false;
+  for (int j = 0; j < kRowLanes; ++j) found |= any[j] != 0;
+  for (; i < n; ++i) found |= x[i] != x[i];
+  return found;
+}
+
 // sum_i exp((x[i] - max) * scale); NaN if any x is NaN.
 inline float block_sum_exp(const float* x, int64_t n, float max, float scale) {
   vrow acc0 = splat<vrow>(0.0f), acc1 = splat<vrow>(0.0f);

@@ -89,6 +89,13 @@ static void test_topk() {
   EXPECT(best[0].id == 4);  // NaN ranks first
   EXPECT(best[1].id == 1 && best[2].id == 2 && best[3].id == 5);  // ties toward the lower id
   EXPECT(argmax_row(x, 4) == 1);
+  EXPECT(block_has_nan(x, 7) && !block_has_nan(x, 4));
+  std::vector<float> wide(37, 1.0f);
+  EXPECT(!block_has_nan(wide.data(), 37));
+  wide[35] = std::nanf("");
+  EXPECT(block_has_nan(wide.data(), 37) && !block_has_nan(wide.data(), 35));
+  wide[3] = std::nanf("");
+  EXPECT(block_has_nan(wide.data(), 16));
 }
 
 static void test_tree() {
