@@ -197,3 +197,26 @@ def random_case(b, t, v, dtype, seed, batched_parents, targets=None):
     draft = torch.where(hit, parent_target, draft)
     draft[:, 0] = -1
     return draft, parents, logits
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_llama(vocab: int, hidden: int, intermediate: int, layers: int = 2, seed: int = 0):
+    """A random-weight ``LlamaForCausalLM`` (4 heads, 2 KV heads, tied embeddings) in eval mode,
+    built without touching the global RNG state. Skips the test when transformers is missing."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(config).eval()

@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_llama
+
 import mtp_ext
 from mtp_ext import ops
 from mtp_ext.cpu_linear import DEFAULT_MAX_ROWS, FastCPU, SmallBatchLinear
@@ -25,19 +27,7 @@ VOCAB = 1000
 
 @pytest.fixture(scope="module")
 def model():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        m = transformers.LlamaForCausalLM(config).eval()
+    m = tiny_llama(VOCAB, 64, 128)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     return m
 

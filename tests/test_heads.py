@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from mtp_ext import reference
+from helpers import tiny_llama
+
 from mtp_ext.heads import MTPHeads, MTPHeadsConfig
 
-transformers = pytest.importorskip("transformers")
 
 VOCAB, HIDDEN, LAYERS = 1000, 64, 2
 H = 3
@@ -25,18 +26,7 @@ LAYER_CHOICES = [-1, 1, 0, "whs"]
 
 
 def _tiny_llama(hidden=HIDDEN, seed=0, name=""):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        m = transformers.LlamaForCausalLM(config).eval()
+    m = tiny_llama(VOCAB, hidden, 128, LAYERS, seed)
     m.name_or_path = name
     return m
 

@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_llama
+
 from mtp_ext import train as T
 from mtp_ext.heads import MTPHeads
 
@@ -21,18 +23,7 @@ VOCAB, HIDDEN, LAYERS, SEQ = 200, 32, 2, 32
 
 
 def _tiny_llama(seed=0):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(VOCAB, HIDDEN, 64, LAYERS, seed)
 
 
 def _cycle_texts(n_seqs, seed):

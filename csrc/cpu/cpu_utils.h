@@ -58,8 +58,19 @@ inline std::pair<int64_t, int64_t> chunk_bounds(int64_t len, int64_t chunks, int
   return {std::min(len, c * size), std::min(len, (c + 1) * size)};
 }
 
-// Scans x[begin*stride .. end*stride) block by block: adds softmax statistics (with `scale`) to
-// `stats` and, when `top` is given, offers every value to it with its index as id.
+// Folds the float32 values x[0..n) (ids first_id, first_id + 1, ...) into softmax statistics (with
+// `scale`) and, when `top` is given, into a running top-k; the block is offered to the top-k only
+// when its maximum (or a NaN, which makes the sum NaN) could enter it.
+inline void fold_block(const float* x, int64_t n, int64_t first_id, float scale,
+                       SoftmaxStats& stats, TopK* top) {
+  const float bmax = kernels::block_max(x, n);
+  stats.add_block(x, n, bmax, scale);
+  if (top != nullptr && (top->may_enter(bmax) || stats.sum != stats.sum)) {
+    top->push_block(x, n, first_id);
+  }
+}
+
+// Scans x[begin*stride .. end*stride) block by block through fold_block.
 template <typename T>
 void scan_range(const T* x, int64_t stride, int64_t begin, int64_t end, float scale,
                 SoftmaxStats& stats, TopK* top) {
@@ -67,12 +78,16 @@ void scan_range(const T* x, int64_t stride, int64_t begin, int64_t end, float sc
   for (int64_t s = begin; s < end; s += kBlock) {
     const int64_t n = std::min(kBlock, end - s);
     kernels::load_block(x + s * stride, stride, n, buf);
-    const float bmax = kernels::block_max(buf, n);
-    stats.add_block(buf, n, bmax, scale);
-    if (top != nullptr && (top->may_enter(bmax) || stats.sum != stats.sum)) {
-      top->push_block(buf, n, s);
-    }
+    fold_block(buf, n, s, scale, stats, top);
   }
+}
+
+// RMSNorm(x, eps) * norm_weight over the last dim, in float32 (x as float32 when no weight).
+inline at::Tensor rms_norm_f32(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight,
+                               double eps) {
+  at::Tensor y = x.to(at::kFloat);
+  if (!norm_weight.has_value()) return y;
+  return y * at::rsqrt(y.pow(2).mean(-1, true).add_(eps)) * norm_weight->to(at::kFloat);
 }
 
 // Per-row softmax statistics and top-k, with long rows split across threads.

@@ -21,10 +21,7 @@ at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
   const at::Tensor x = hidden.to(at::kFloat);
   at::Tensor y = at::matmul(x.unsqueeze(0), weight.to(at::kFloat).transpose(1, 2));  // [H, N, D]
   if (bias.has_value()) y.add_(bias->to(at::kFloat).unsqueeze(1));
-  at::Tensor z = at::silu(y).add_(x.unsqueeze(0));
-  if (norm_weight.has_value()) {
-    z = z * at::rsqrt(z.pow(2).mean(-1, true).add_(eps)) * norm_weight->to(at::kFloat);
-  }
+  const at::Tensor z = rms_norm_f32(at::silu(y).add_(x.unsqueeze(0)), norm_weight, eps);
   return z.transpose(0, 1).contiguous();
 }
 
@@ -63,14 +60,9 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
                    RowState& state = states[part];
                    float* logits = state.logits.data();
                    kernels::dot_rows(z, depth, rows, block, depth, nb, depth, logits, kTableBlock);
-                   for (int64_t r = 0; r < rows; ++r) {
-                     const float* lr = logits + r * kTableBlock;
-                     const float bmax = kernels::block_max(lr, nb);
-                     SoftmaxStats& st = state.stats[r];
-                     st.add_block(lr, nb, bmax, 1.0f);
-                     if (state.top[r].may_enter(bmax) || st.sum != st.sum)
-                       state.top[r].push_block(lr, nb, v);
-                   }
+                   for (int64_t r = 0; r < rows; ++r)
+                     fold_block(logits + r * kTableBlock, nb, v, 1.0f, state.stats[r],
+                                &state.top[r]);
                  });
   });
 

@@ -64,15 +64,11 @@ void mixture_chunk(const at::Tensor& x, const MixturePlan& plan, int64_t b, int6
   }
 }
 
-void check_weight_values(const at::Tensor& weights, const char* op) {
-  check_nonnegative(weights, op, "weights");
-}
-
 at::Tensor marginalize_cpu(const at::Tensor& next_logits, const at::Tensor& weights,
                            bool renormalize) {
   const char* op = "mtp_ext.marginalize";
   check_marginalize(next_logits, weights, op);
-  check_weight_values(weights, op);
+  check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), vocab = next_logits.size(2);
   at::Tensor out = at::zeros({b, vocab}, next_logits.options().dtype(at::kFloat));
   if (b == 0 || next_logits.size(1) == 0) return out;
@@ -98,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cpu(const at::Tensor& next_l
   const char* op = "mtp_ext.topk_marginalize";
   check_marginalize(next_logits, weights, op);
   check_k(m, next_logits.size(2), op, "m");
-  check_weight_values(weights, op);
+  check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), vocab = next_logits.size(2);
   at::Tensor probs = at::zeros({b, m}, next_logits.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({b, m}, next_logits.options().dtype(at::kLong));

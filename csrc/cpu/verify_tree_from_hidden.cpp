@@ -17,16 +17,6 @@ namespace {
 
 using kernels::better;
 
-// [rows, D] float32 contiguous: RMSNorm(hidden) * norm_weight, or hidden as float32.
-at::Tensor final_norm(const at::Tensor& hidden, const c10::optional<at::Tensor>& norm_weight,
-                      double eps) {
-  at::Tensor x = hidden.reshape({-1, hidden.size(-1)}).to(at::kFloat);
-  if (norm_weight.has_value()) {
-    x = x * at::rsqrt(x.pow(2).mean(-1, true).add_(eps)) * norm_weight->to(at::kFloat);
-  }
-  return x.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
     const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& hidden,
     const at::Tensor& lm_head, const c10::optional<at::Tensor>& norm_weight, double eps) {
@@ -82,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
   }
 #endif
   if (!done) {
-    const at::Tensor z = final_norm(hidden, norm_weight, eps);
+    const at::Tensor z = rms_norm_f32(hidden.reshape({rows, depth}), norm_weight, eps).contiguous();
     const float* zp = z.const_data_ptr<float>();
     dispatch_floating(lm_head.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
