@@ -80,7 +80,7 @@ def _train_heads(args: argparse.Namespace) -> int:
     print(f"mtp-ext: loaded model and texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     heads = MTPHeads.for_model(
         model, num_heads=args.num_heads, kind=args.kind, layer=args.layer,
-        whs_per_channel=args.whs_per_channel,
+        whs_per_channel=args.whs_per_channel, draft_vocab_size=args.draft_vocab,
     )
     config = TrainConfig(
         steps=args.steps, seq_len=args.seq_len, target=args.target,
@@ -91,7 +91,7 @@ def _train_heads(args: argparse.Namespace) -> int:
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=args.out,
         resume=not args.no_resume, progress=not args.no_progress, joint=args.joint,
         joint_seqs=args.joint_seqs, mtp_lambda=args.mtp_lambda, backbone_lr=args.backbone_lr,
-        head_warmup_steps=args.head_warmup_steps,
+        head_warmup_steps=args.head_warmup_steps, draft_vocab_from=args.draft_vocab_from,
     )
     result = train_heads(model, tokenizer, heads, texts_train, texts_val, config)
     summary = {k: result[k] for k in ("step", "final", "timing", "train_tokens", "val_tokens")}
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_tr.add_argument("--num-heads", type=int, default=3)
     p_tr.add_argument("--layer", type=_layer, default=-1, help="hidden-state index or 'whs'")
     p_tr.add_argument("--whs-per-channel", action="store_true")
+    p_tr.add_argument("--draft-vocab", type=int, default=None,
+                      help="draft over the N most frequent tokens only (default: whole vocabulary)")
+    p_tr.add_argument("--draft-vocab-from", default="greedy", choices=["greedy", "text"],
+                      help="count frequencies in the backbone's predictions or in the text")
     p_tr.add_argument("--target", default="greedy", choices=["text", "greedy", "kl"])
     p_tr.add_argument("--steps", type=int, default=1000)
     p_tr.add_argument("--seq-len", type=int, default=256)

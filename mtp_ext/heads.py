@@ -503,6 +503,51 @@ class MTPHeads(nn.Module):
         return torch.stack(cols, -1)
 
     @torch.no_grad()
+    def draft_step(
+        self, depth: int, features: torch.Tensor, tokens: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One head at a time, for building trees: head ``depth`` (1-based) on ``P`` nodes.
+
+        Args:
+            depth: ``1 <= depth <= H``.
+            features: ``[P, D]``; for ``depth = 1`` the heads' input (:meth:`select_input`), deeper
+                the ``features`` this method returned for the parent nodes (conditioned heads) or
+                the same input again (independent heads, which ignore the parents).
+            tokens: ``[P]`` int64, the token each node carries (the parent's drafted token, the root
+                token at depth 1); required by conditioned heads, ignored by the others.
+            k: children per node, ``1 <= k <= V`` (``<= N`` with a draft vocabulary).
+        Returns:
+            ``(features [P, D], logprobs [P, k] float32 descending, ids [P, k] int64)``: the node
+            features to pass at ``depth + 1`` and the top-``k`` children with full-vocabulary ids.
+        """
+        H, D = self.config.num_heads, self.config.hidden_size
+        if not 1 <= depth <= H:
+            raise ValueError(f"depth must be in [1, {H}], got {depth}")
+        n_vocab = self.config.draft_vocab_size or self.config.vocab_size
+        if not 1 <= k <= n_vocab:
+            raise ValueError(f"k must be in [1, {n_vocab}], got {k}")
+        if features.dim() != 2 or features.shape[1] != D:
+            raise ValueError(f"features must have shape [P, {D}], got {list(features.shape)}")
+        f = features.to(self._param_dtype)
+        norm_w = self.norm_weight.to(f.dtype) if self._applies_norm else None
+        eps = self.config.rms_norm_eps
+        h = depth - 1
+        kind = self.config.kind
+        if kind == "conditioned":
+            self._check_tokens(tokens, f.shape[:1], allow_per_head=False)
+            f = self._cond_feature(h, f, tokens)
+            w, b = f.new_zeros(1, D, D), None
+        elif kind == "resblock":
+            w, b = self.weight[h : h + 1], self.bias[h : h + 1]
+        else:  # linear
+            z = f @ self.weight[h].T
+            w, b = z.new_zeros(1, D, D), None
+            lp, ids = ops.fused_mtp_heads(z, w, b, self._table(), k, norm_w, eps, self.vocab_ids)
+            return features, lp[:, 0], ids[:, 0]
+        lp, ids = ops.fused_mtp_heads(f, w, b, self._table(), k, norm_w, eps, self.vocab_ids)
+        return (f if kind == "conditioned" else features), lp[:, 0], ids[:, 0]
+
+    @torch.no_grad()
     def draft(
         self, hidden_states, k: int, next_tokens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,9 @@ import torch.nn.functional as F
 
 from .heads import MTPHeads
 
-__all__ = ["TrainConfig", "train_heads", "tokenize_texts", "build_cache", "evaluate"]
+__all__ = [
+    "TrainConfig", "train_heads", "tokenize_texts", "build_cache", "evaluate", "frequent_tokens",
+]
 
 TARGETS = ("text", "greedy", "kl")
 
@@ -91,6 +93,8 @@ class TrainConfig:
     mtp_lambda: float = 1.0
     backbone_lr: float = 1e-5
     head_warmup_steps: int = 0
+    # draft vocabulary: heads built with draft_vocab_size get the most frequent tokens of this source
+    draft_vocab_from: str = "greedy"  # "greedy" (the backbone's predictions), "text" or "keep"
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -99,6 +103,10 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.seq_len < 3:
             raise ValueError(f"seq_len must be >= 3, got {self.seq_len}")
+        if self.draft_vocab_from not in ("greedy", "text", "keep"):
+            raise ValueError(
+                f"draft_vocab_from must be 'greedy', 'text' or 'keep', got {self.draft_vocab_from!r}"
+            )
         if self.steps < 0 or self.batch_positions < 1:
             raise ValueError("steps must be >= 0 and batch_positions >= 1")
 
@@ -143,6 +151,28 @@ def tokenize_texts(
     if n == 0:
         raise ValueError(f"texts hold {len(flat)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def frequent_tokens(ids: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent ids of ``ids`` (any shape, int64), most frequent first; ties and
+    unseen ids filled in by lower id first. Returns ``[n]`` int64."""
+    if not 1 <= n <= vocab_size:
+        raise ValueError(f"n must be in [1, vocab_size={vocab_size}], got {n}")
+    counts = torch.bincount(ids.reshape(-1).clamp(0, vocab_size - 1), minlength=vocab_size)
+    # Stable descending sort by count: equal counts keep ascending id order.
+    order = torch.sort(-counts.double(), stable=True).indices
+    return order[:n].long()
+
+
+def _set_draft_vocab(heads: MTPHeads, train_ids: torch.Tensor, cache: dict | None, config) -> None:
+    if heads.vocab_ids is None or config.draft_vocab_from == "keep":
+        return
+    src = train_ids
+    if config.draft_vocab_from == "greedy" and cache is not None:
+        src = cache["greedy"]
+    heads.set_draft_vocab(
+        frequent_tokens(src, heads.config.draft_vocab_size, heads.config.vocab_size)
+    )
 
 
 def _layer_index(heads: MTPHeads, n_states: int) -> int | None:
@@ -563,6 +593,8 @@ def train_heads(
     if not config.joint and config.cache_hidden:
         train_cache = build_cache(model, heads, train_ids, config, "train")
     timing["cache_train_s"] = time.perf_counter() - t0
+    if step == 0:  # a resumed run keeps the vocabulary its checkpoint holds
+        _set_draft_vocab(heads, train_ids, train_cache, config)
     t0 = time.perf_counter()
     val_cache = None
     if not config.joint:

@@ -336,3 +336,25 @@ def test_bfloat16_heads(model, batch, kind):
     assert half(hs, _next_tokens(heads, ids, per_head=True)).dtype == torch.bfloat16
     _, top32 = heads.draft(hs, 3, nt)
     assert (top[..., 0, 0] == top32[..., 0, 0]).float().mean() > 0.7
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("vocab", [None, 300])
+def test_draft_step_chain_equals_draft(model, batch, kind, vocab):
+    """Chaining draft_step through each head's top-1 gives what draft gives (all kinds)."""
+    ids, hs, _ = batch
+    heads = _perturb(MTPHeads.for_model(model, num_heads=H, kind=kind, draft_vocab_size=vocab))
+    x = heads.select_input(hs).reshape(-1, HIDDEN)
+    nxt = torch.randint(0, VOCAB, (x.shape[0],), generator=torch.Generator().manual_seed(3))
+    want_lp, want_ids = heads.draft(x, 4, next_tokens=nxt if kind == "conditioned" else None)
+    f, tok = x, nxt
+    for d in range(1, H + 1):
+        f, lp, got = heads.draft_step(d, f, tok, 4)
+        assert lp.shape == (x.shape[0], 4) and lp.dtype == torch.float32
+        torch.testing.assert_close(lp, want_lp[:, d - 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got, want_ids[:, d - 1])
+        tok = got[:, 0]
+    with pytest.raises(ValueError, match="depth must be in"):
+        heads.draft_step(0, x, nxt, 4)
+    with pytest.raises(ValueError, match="features must have shape"):
+        heads.draft_step(1, x[:, :5], nxt, 4)

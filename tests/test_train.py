@@ -248,3 +248,30 @@ def test_cli_parses_and_trains_on_tiny_folder(tmp_path, data, monkeypatch):
     ])
     assert args.texts == "web,python" and args.layer == "whs" and args.joint
     assert args.backbone_lr == 1e-6 and args.head_warmup_steps == 5
+
+
+def test_frequent_tokens_order_and_ties():
+    ids = torch.tensor([[5, 5, 5, 2, 2, 9, 9, 1]])
+    assert T.frequent_tokens(ids, 3, 10).tolist() == [5, 2, 9]  # 2 and 9 tie: lower id first
+    assert T.frequent_tokens(ids, 6, 10).tolist() == [5, 2, 9, 1, 0, 3]  # unseen: ascending
+    with pytest.raises(ValueError, match="n must be in"):
+        T.frequent_tokens(ids, 0, 10)
+
+
+@pytest.mark.parametrize("source", ["greedy", "text"])
+def test_draft_vocab_set_from_data_and_trains(model, data, source):
+    tr, va = data
+    heads = MTPHeads.for_model(model, num_heads=2, kind="conditioned", draft_vocab_size=24)
+    cfg = _cfg(steps=30, target="greedy", draft_vocab_from=source)
+    out = T.train_heads(model, None, heads, tr, va, cfg)
+    cache = T.build_cache(model, heads, tr, cfg)
+    want = T.frequent_tokens(cache["greedy"] if source == "greedy" else tr, 24, VOCAB)
+    assert heads.vocab_ids.tolist() == want.tolist()
+    # The cycle's 16 tokens are all in the text's 24 most frequent ids.
+    if source == "text":
+        assert set(tr.unique().tolist()) <= set(heads.vocab_ids.tolist())
+    assert out["history"]["loss"][-1] < out["history"]["loss"][0]
+    lp, ids = heads.draft(cache["feat"][0, :5], 3, next_tokens=tr[0, 1:6])
+    assert set(ids.flatten().tolist()) <= set(heads.vocab_ids.tolist())
+    with pytest.raises(ValueError, match="draft_vocab_from"):
+        _cfg(draft_vocab_from="zipf")
