@@ -86,6 +86,7 @@ def extensions():
 
 setup(
     packages=find_packages(include=["mtp_ext", "mtp_ext.*"]),
+    package_data={"mtp_ext": ["shipped_heads/*/*.json", "shipped_heads/*/*.safetensors"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -25,16 +25,26 @@ from .ops import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"heads": None, "MTPHeads": "heads", "MTPHeadsConfig": "heads"}
+# Lazy imports (transformers-facing modules load only when used): name -> (module, attribute).
+_LAZY = {
+    "heads": ("heads", None),
+    "MTPHeads": ("heads", "MTPHeads"),
+    "MTPHeadsConfig": ("heads", "MTPHeadsConfig"),
+    "trees": ("trees", None),
+    "generate": ("decoding", "generate"),
+    "MTPModel": ("decoding", "MTPModel"),
+    "load_heads": ("shipped", "load_heads"),
+}
 
 
 def __getattr__(name: str):
-    """Lazy imports: ``mtp_ext.heads``, ``mtp_ext.MTPHeads``, ``mtp_ext.MTPHeadsConfig``."""
+    """Lazy imports: ``mtp_ext.heads``, ``mtp_ext.MTPHeads``, ``mtp_ext.generate``, ... ."""
     if name in _LAZY:
         import importlib
 
-        module = importlib.import_module(".heads", __name__)
-        return module if _LAZY[name] is None else getattr(module, name)
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(f".{module_name}", __name__)
+        return module if attr is None else getattr(module, attr)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -55,5 +65,9 @@ __all__ = [
     "heads",
     "MTPHeads",
     "MTPHeadsConfig",
+    "trees",
+    "generate",
+    "MTPModel",
+    "load_heads",
     "__version__",
 ]

@@ -49,7 +49,45 @@ def _layer(value: str):
     return value if value == "whs" else int(value)
 
 
+def _start_distributed(device: str, timeout_min: float) -> tuple[bool, str]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) with no process group yet, initializes the default
+    one: ``nccl`` on this rank's GPU (``cuda:$LOCAL_RANK``) when ``device`` is a CUDA device, else
+    ``gloo``. Returns ``(initialized here, this rank's device)``."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False, device
+    if dist.is_initialized():
+        return False, device
+    cuda = device.startswith("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min)
+    )
+    return True, device
+
+
 def _train_heads(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    owned, device = _start_distributed(args.device, args.dist_timeout)
+    try:
+        return _run_train_heads(args, device)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _run_train_heads(args: argparse.Namespace, device: str) -> int:
     import json
     import os
     import time
@@ -58,11 +96,13 @@ def _train_heads(args: argparse.Namespace) -> int:
 
     from .assets import load_model
     from .heads import MTPHeads
-    from .train import TrainConfig, train_heads
+    from .train import TrainConfig, _dist_info, train_heads
 
+    rank = _dist_info()[0]
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
+    model.to(device)
     if args.tokens:
         toks = torch.load(args.tokens, map_location="cpu", weights_only=True)
         texts_train, texts_val = toks["train"], toks["validation"]
@@ -77,7 +117,9 @@ def _train_heads(args: argparse.Namespace) -> int:
             import random
 
             random.Random(args.seed).shuffle(texts_train)
-    print(f"mtp-ext: loaded model and texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if rank == 0:
+        print(f"mtp-ext: loaded model and texts in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
     heads = MTPHeads.for_model(
         model, num_heads=args.num_heads, kind=args.kind, layer=args.layer,
         whs_per_channel=args.whs_per_channel, draft_vocab_size=args.draft_vocab,
@@ -94,6 +136,8 @@ def _train_heads(args: argparse.Namespace) -> int:
         head_warmup_steps=args.head_warmup_steps, draft_vocab_from=args.draft_vocab_from,
     )
     result = train_heads(model, tokenizer, heads, texts_train, texts_val, config)
+    if rank != 0:  # rank 0 writes the summary (train_heads wrote the rest)
+        return 0
     summary = {k: result[k] for k in ("step", "final", "timing", "train_tokens", "val_tokens")}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
@@ -102,6 +146,54 @@ def _train_heads(args: argparse.Namespace) -> int:
     if args.joint:
         print("mtp-ext: joint mode trained the backbone too; only the heads were saved",
               file=sys.stderr)
+    return 0
+
+
+def _tree_arg(text: str):
+    if text == "chain":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tree must be a node count or 'chain', got {text!r}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .assets import load_model
+    from .compare import compare_generate, encode_prompt
+    from .heads import MTPHeads
+    from .shipped import load_heads
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model)
+    heads = MTPHeads.from_pretrained(args.heads, model) if args.heads else load_heads(args.model, model)
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, tree=args.tree)
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        generator=torch.Generator().manual_seed(args.seed))
+    streamer = None
+    if not args.no_stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_prompt=False)
+    res = compare_generate(model, heads, ids, reference=args.compare, streamer=streamer, **settings)
+    if streamer is None:
+        print(tokenizer.decode(res.sequences[0], skip_special_tokens=False))
+    print(f"\n[mtp-ext] {res.new_tokens} tokens in {res.seconds:.2f} s "
+          f"({res.tokens_per_second:.1f} tokens/s, {res.tokens_per_step:.2f} tokens per step)")
+    if args.compare:
+        ref_tps = res.new_tokens / res.reference_seconds if res.reference_seconds else 0.0
+        print(f"[mtp-ext] model.generate: {res.reference_seconds:.2f} s ({ref_tps:.1f} tokens/s); "
+              f"speed-up {res.speedup:.2f}x")
+        if args.do_sample:
+            print("[mtp-ext] sampling: the tokens differ from model.generate's by design (same "
+                  "distribution, different random draws)")
+        else:
+            print(f"[mtp-ext] identical tokens: {'yes' if res.identical else 'NO'}")
+            return 0 if res.identical else 1
     return 0
 
 
@@ -132,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a torch file {'train': [N, T] ids, 'validation': [M, T] ids} "
                            "used instead of --texts (no tokenizer needed)")
     p_tr.add_argument("--shuffle-texts", action="store_true", help="shuffle the training items")
-    p_tr.add_argument("--kind", default="resblock", choices=["resblock", "linear", "conditioned"])
+    p_tr.add_argument("--kind", default="resblock",
+                      choices=["resblock", "linear", "conditioned", "transformer"])
     p_tr.add_argument("--num-heads", type=int, default=3)
     p_tr.add_argument("--layer", type=_layer, default=-1, help="hidden-state index or 'whs'")
     p_tr.add_argument("--whs-per-channel", action="store_true")
@@ -163,8 +256,31 @@ def build_parser() -> argparse.ArgumentParser:
     p_tr.add_argument("--mtp-lambda", type=float, default=1.0)
     p_tr.add_argument("--backbone-lr", type=float, default=1e-5)
     p_tr.add_argument("--head-warmup-steps", type=int, default=0)
+    p_tr.add_argument("--device", default="cpu",
+                      help="the backbone's and heads' device, e.g. 'cpu' or 'cuda'; under torchrun "
+                           "a CUDA device becomes cuda:$LOCAL_RANK (process group nccl, else gloo)")
+    p_tr.add_argument("--dist-timeout", type=float, default=60.0,
+                      help="minutes a rank waits at a collective under torchrun (rank 0 builds "
+                           "the --cache-dir caches while the others wait)")
     p_tr.add_argument("--out", required=True, help="output folder (log, checkpoint, heads)")
     p_tr.set_defaults(func=_train_heads)
+    p_gen = sub.add_parser("generate", help="generate with MTP heads (mtp_ext.generate)")
+    p_gen.add_argument("--model", default="smollm2-135m", help="known model name or model folder")
+    p_gen.add_argument("--prompt", required=True)
+    p_gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p_gen.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
+    p_gen.add_argument("--max-new-tokens", type=int, default=128)
+    p_gen.add_argument("--tree", type=_tree_arg, default=None,
+                       help="draft tree: node count or 'chain' (default: chosen for the model)")
+    p_gen.add_argument("--do-sample", action="store_true")
+    p_gen.add_argument("--temperature", type=float, default=1.0)
+    p_gen.add_argument("--top-k", type=int, default=0)
+    p_gen.add_argument("--top-p", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--compare", action="store_true",
+                       help="also run model.generate and report both speeds and equality")
+    p_gen.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    p_gen.set_defaults(func=_generate)
     return parser
 
 

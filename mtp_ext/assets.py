@@ -149,4 +149,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(f"{name!r} is neither a known model {sorted(MODELS)} nor a model folder")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if name in MODELS:
+        # Known models are named by their project name, not by the cache folder's path, so that
+        # heads trained on one machine load on another.
+        model.config._name_or_path = name
+        model.name_or_path = name
     return model.eval(), tokenizer

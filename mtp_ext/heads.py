@@ -20,7 +20,8 @@ Final norm rule (the issue: "the final norm is applied when the input is not the
 output"): the backbone's final RMSNorm is applied to each head's output feature before the
 unembedding unless the heads read the last element of ``hidden_states`` alone (which is already
 normed), so a zero-initialized residual head on the last layer reproduces the backbone's own
-next-token logits exactly. With ``"whs"`` the norm is always applied.
+next-token logits exactly. With ``"whs"``, and for ``"transformer"`` heads (whose decoder block
+outputs a residual stream), the norm is always applied.
 
 Kinds (``config.kind``):
 
@@ -35,7 +36,15 @@ Kinds (``config.kind``):
   the token at ``t + 1`` (``next_tokens``); ``tok_{d+1}`` is the token at ``t + 1 + d``: the true
   one under teacher forcing (:meth:`MTPHeads.forward` with ``next_tokens[..., H]``), or depth
   ``d``'s own top-1 draft (:meth:`MTPHeads.draft`, and ``forward`` with ``next_tokens[...]``).
-- ``"transformer"`` (one decoder block per head) is not implemented yet.
+- ``"transformer"`` (Gloeckle et al. 2024, "Better & Faster LLMs via multi-token prediction"):
+  head ``h`` is one decoder block, a copy of the backbone's last decoder layer (trainable, saved as
+  ``blocks.{h-1}.*``), with causal self-attention over the positions of the input sequence ``x``
+  (rotary position embeddings computed by the backbone's own rotary module, which is shared, not
+  trained and not saved). The block's output is a residual stream, so the backbone's final norm is
+  always applied before the unembedding. The heads are independent (each block reads ``x``). These
+  heads need a sequence axis: ``forward`` and ``draft`` take ``[B, S, D]`` features and return
+  ``[B, S, H, *]``; incremental decoding keeps one key/value cache per head
+  (:meth:`MTPHeads.new_draft_state`, then ``draft(..., state=...)`` on the new positions only).
 
 Draft vocabulary: with ``config.draft_vocab_size = N`` the heads project onto ``N`` rows of the
 unembedding only (buffer ``vocab_ids[N]``, set by :meth:`MTPHeads.set_draft_vocab`, saved in the
@@ -46,7 +55,9 @@ heads file); ``forward`` then returns logits over those ``N`` tokens (column ``j
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import json
 import os
 from typing import Sequence, Union
@@ -56,12 +67,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .hf_compat import cache_kwarg, crop_cache
 from .reference import stable_topk
 
-__all__ = ["MTPHeadsConfig", "MTPHeads", "KINDS"]
+__all__ = ["MTPHeadsConfig", "MTPHeads", "TransformerDraftState", "KINDS"]
 
-KINDS = ("resblock", "linear", "conditioned")
-_NOT_IMPLEMENTED_KINDS = ("transformer",)
+KINDS = ("resblock", "linear", "conditioned", "transformer")
+_NOT_IMPLEMENTED_KINDS: tuple[str, ...] = ()
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "heads.safetensors"
@@ -75,7 +87,9 @@ class MTPHeadsConfig:
         num_heads: ``H >= 1``; head ``h`` predicts the token at ``t + 1 + h``.
         hidden_size: the backbone's ``D``.
         vocab_size: the backbone's ``V`` (rows of its unembedding).
-        kind: ``"resblock"``, ``"linear"`` or ``"conditioned"``.
+        kind: ``"resblock"``, ``"linear"``, ``"conditioned"`` or ``"transformer"`` (one decoder
+            block per head, initialized from the backbone's last decoder layer; needs inputs with a
+            sequence axis ``[B, S, D]``).
         layer: index into the backbone's ``hidden_states`` tuple (default -1, the last), or
             ``"whs"`` (learned softmax-weighted sum over all of them).
         num_layers: the backbone's number of decoder layers ``L`` (``hidden_states`` has ``L + 1``
@@ -188,6 +202,100 @@ def _backbone_parts(model):
     return out.weight, norm_w, float(eps), (emb.weight if emb is not None else None)
 
 
+class _Unregistered:
+    """Holds a module without registering it as a submodule of its owner: its parameters and
+    buffers are neither trained, nor saved, nor moved by the owner's ``.to()``."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+def _decoder_layers(model) -> Sequence[nn.Module]:
+    """The backbone's decoder layers (``model.model.layers`` for Llama / Qwen2 / Gemma3 text
+    models, or found through ``get_decoder()`` / ``language_model``)."""
+    candidates = [getattr(model, "model", None)]
+    if hasattr(model, "get_decoder"):
+        candidates.append(model.get_decoder())
+    for c in list(candidates):
+        candidates.append(getattr(c, "language_model", None))
+    for c in candidates:
+        layers = getattr(c, "layers", None)
+        if isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0:
+            return layers
+    raise ValueError(
+        "kind='transformer' needs the backbone's decoder layers: found none at model.model.layers, "
+        "model.get_decoder().layers or *.language_model.layers"
+    )
+
+
+def _transformer_parts(model) -> tuple[nn.Module, nn.Module]:
+    """``(last decoder layer, rotary embedding module)`` of a transformers causal LM."""
+    layers = _decoder_layers(model)
+    inner = [getattr(model, "model", None)]
+    if hasattr(model, "get_decoder"):
+        inner.append(model.get_decoder())
+    owners = inner + [getattr(c, "language_model", None) for c in inner]
+    found = [getattr(o, "rotary_emb", None) for o in owners if o is not None]
+    rotary = next((r for r in found if r is not None), None)
+    if rotary is None:
+        raise ValueError(
+            "kind='transformer' needs the backbone's rotary embedding module (rotary_emb), "
+            "found none next to its decoder layers"
+        )
+    return layers[-1], rotary
+
+
+def _block_copy(layer: nn.Module) -> nn.Module:
+    """An independent, trainable copy of a decoder layer, reading cache layer 0 (each head keeps its
+    own one-layer cache). Forward hooks are dropped: transformers installs output-capturing hooks on
+    the backbone's layers, which must not record the heads' blocks."""
+    block = copy.deepcopy(layer)
+    for m in block.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+        if hasattr(m, "layer_idx"):
+            m.layer_idx = 0
+    block.requires_grad_(True)
+    return block
+
+
+def _block_causal_mask(
+    batch: int, q_len: int, past: int, dtype: torch.dtype, device, sliding_window: int | None
+) -> torch.Tensor:
+    """Additive attention mask ``[B, 1, q_len, past + q_len]`` of ``dtype``: 0 where query ``i``
+    (at cache index ``past + i``) may attend key ``j`` (``j <= past + i``, and within
+    ``sliding_window`` when the block has one), ``finfo(dtype).min`` elsewhere."""
+    q = torch.arange(past, past + q_len, device=device)[:, None]
+    kv = torch.arange(past + q_len, device=device)[None, :]
+    allowed = kv <= q
+    if sliding_window:
+        allowed = allowed & (q - kv < int(sliding_window))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.expand(batch, 1, q_len, past + q_len)
+
+
+class TransformerDraftState:
+    """Incremental drafting state of ``"transformer"`` heads: one key/value cache per head
+    (transformers ``DynamicCache``), holding the positions drafted so far (made by
+    :meth:`MTPHeads.new_draft_state`; pass it as ``draft(..., state=...)``)."""
+
+    def __init__(self, num_heads: int):
+        from transformers import DynamicCache
+
+        self.caches = [DynamicCache() for _ in range(num_heads)]
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (the same in every head's cache)."""
+        return int(self.caches[0].get_seq_length())
+
+    def crop(self, length: int) -> None:
+        """Drops cached positions beyond the first ``length`` (e.g. after rejected draft tokens)."""
+        for c in self.caches:
+            crop_cache(c, length)
+
+
 class MTPHeads(nn.Module):
     """``H`` multi-token prediction heads sharing the backbone's frozen unembedding.
 
@@ -197,6 +305,11 @@ class MTPHeads(nn.Module):
         norm_weight: ``[D]`` the backbone's final RMSNorm weight, or None (no final norm).
         embed: ``[V, D]`` the backbone's input embedding weight; required for ``"conditioned"``.
         dtype: dtype of the heads' parameters (default: ``lm_head``'s).
+        decoder_layer: ``"transformer"`` only (required): the template decoder block (the
+            backbone's last decoder layer), deep-copied into ``H`` trainable blocks.
+        rotary: ``"transformer"`` only (required): the backbone's rotary embedding module,
+            ``rotary(x, position_ids) -> (cos, sin)``; kept unregistered (shared, frozen, not
+            saved).
     """
 
     def __init__(
@@ -206,6 +319,8 @@ class MTPHeads(nn.Module):
         norm_weight: torch.Tensor | None = None,
         embed: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        decoder_layer: nn.Module | None = None,
+        rotary: nn.Module | None = None,
     ):
         super().__init__()
         self.config = config
@@ -219,6 +334,20 @@ class MTPHeads(nn.Module):
                 raise ValueError("kind='conditioned' needs the backbone's input embedding (embed)")
             if embed.shape[-1] != D:
                 raise ValueError(f"embed must have shape [*, {D}], got {list(embed.shape)}")
+        if config.kind == "transformer":
+            if decoder_layer is None or rotary is None:
+                missing = [n for n, v in (("decoder_layer", decoder_layer), ("rotary", rotary))
+                           if v is None]
+                raise ValueError(
+                    "kind='transformer' needs the backbone's last decoder layer (decoder_layer) "
+                    f"and its rotary embedding module (rotary); missing: {missing} "
+                    "(MTPHeads.for_model finds both)"
+                )
+            layer_d = getattr(decoder_layer, "hidden_size", D)
+            if layer_d != D:
+                raise ValueError(
+                    f"decoder_layer must have hidden_size={D}, got hidden_size={layer_d}"
+                )
         dtype = dtype or lm_head.dtype
         device = lm_head.device
         # Shared, frozen, not saved: detached views of the backbone's own tensors.
@@ -237,7 +366,7 @@ class MTPHeads(nn.Module):
             self.bias = nn.Parameter(torch.zeros(H, D, **kw))
         elif config.kind == "linear":
             self.weight = nn.Parameter(torch.eye(D, **kw).expand(H, D, D).clone())
-        else:  # conditioned
+        elif config.kind == "conditioned":
             proj = torch.zeros(H, D, 2 * D, **kw)
             proj[:, :, :D] = torch.eye(D, **kw)
             self.proj = nn.Parameter(proj)
@@ -245,6 +374,11 @@ class MTPHeads(nn.Module):
             self.enorm = nn.Parameter(torch.ones(H, D, **kw))
             self.weight = nn.Parameter(torch.zeros(H, D, D, **kw))
             self.bias = nn.Parameter(torch.zeros(H, D, **kw))
+        elif config.kind == "transformer":
+            self.blocks = nn.ModuleList(
+                _block_copy(decoder_layer).to(device=device, dtype=dtype) for _ in range(H)
+            )
+            self._rotary = _Unregistered(rotary)
         if config.layer == "whs":
             n = config.num_layers + 1
             shape = (n, D) if config.whs_per_channel else (n,)
@@ -271,7 +405,8 @@ class MTPHeads(nn.Module):
         draft_vocab_size: int | None = None,
         dtype: torch.dtype | None = None,
     ) -> "MTPHeads":
-        """Fresh heads for a transformers causal LM (its lm_head, final norm and embeddings)."""
+        """Fresh heads for a transformers causal LM (its lm_head, final norm and embeddings; for
+        ``kind="transformer"`` also copies of its last decoder layer and its rotary module)."""
         lm_head, norm_w, eps, embed = _backbone_parts(model)
         cfg = model.config
         config = MTPHeadsConfig(
@@ -286,7 +421,16 @@ class MTPHeads(nn.Module):
             backbone=_model_name(model),
             rms_norm_eps=eps,
         )
-        return cls(config, lm_head, norm_w, embed, dtype=dtype)
+        extra = cls._transformer_kwargs(model, kind)
+        return cls(config, lm_head, norm_w, embed, dtype=dtype, **extra)
+
+    @staticmethod
+    def _transformer_kwargs(model, kind: str) -> dict:
+        """``decoder_layer`` and ``rotary`` for the transformer kind, nothing for the others."""
+        if kind != "transformer":
+            return {}
+        layer, rotary = _transformer_parts(model)
+        return {"decoder_layer": layer, "rotary": rotary}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``heads.safetensors`` (the heads' own parameters and draft vocabulary ids only)
@@ -331,7 +475,10 @@ class MTPHeads(nn.Module):
                 f"heads in {str(directory)!r} were trained for backbone {config.backbone!r}, "
                 f"but this model is {name!r}"
             )
-        heads = cls(config, lm_head, norm_w, embed, dtype=dtype)
+        heads = cls(
+            config, lm_head, norm_w, embed, dtype=dtype,
+            **cls._transformer_kwargs(model, config.kind),
+        )
         state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(lm_head.device))
         heads.load_state_dict(state, strict=True)
         return heads
@@ -374,11 +521,15 @@ class MTPHeads(nn.Module):
 
     @property
     def _param_dtype(self) -> torch.dtype:
+        if self.config.kind == "transformer":
+            return next(self.blocks.parameters()).dtype
         return self.weight.dtype
 
     @property
     def _applies_norm(self) -> bool:
-        return self.norm_weight is not None and not self.config.reads_last
+        if self.norm_weight is None:
+            return False
+        return self.config.kind == "transformer" or not self.config.reads_last
 
     def whs_weights(self) -> torch.Tensor:
         """The WHS mixing weights: ``[L + 1]`` (or ``[L + 1, D]``), a softmax over layers."""
@@ -428,6 +579,96 @@ class MTPHeads(nn.Module):
             z = _rms_norm(z, self.norm_weight.to(z.dtype), self.config.rms_norm_eps)
         return z @ self._table().T
 
+    def unembed(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., V']`` (the heads' parameter dtype) of head output features ``z[..., D]``:
+        the backbone's final norm (when the heads apply it, see the module docstring), then its
+        unembedding (the draft vocabulary's rows only, when set)."""
+        return self._unembed(z.to(self._param_dtype))
+
+    # ------------------------------------------------------------------------------------------
+    # Transformer heads
+    # ------------------------------------------------------------------------------------------
+
+    def new_draft_state(self) -> TransformerDraftState:
+        """An empty incremental drafting state (one key/value cache per head) for
+        ``draft(..., state=...)``; ``"transformer"`` heads only."""
+        self._require_transformer("new_draft_state")
+        return TransformerDraftState(self.config.num_heads)
+
+    def _require_transformer(self, what: str) -> None:
+        if self.config.kind != "transformer":
+            raise ValueError(f"{what} needs kind='transformer', got kind={self.config.kind!r}")
+
+    def _check_sequence(self, x: torch.Tensor) -> None:
+        if x.dim() != 3:
+            raise ValueError(
+                "kind='transformer' needs features with a sequence axis [B, S, "
+                f"{self.config.hidden_size}], got shape {list(x.shape)}"
+            )
+
+    def _position_embeddings(
+        self, block: nn.Module, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` from the backbone's rotary module for ``position_ids [B, S]`` (Gemma3's
+        rotary module also takes the block's ``layer_type``)."""
+        rotary = self._rotary.module
+        params = inspect.signature(rotary.forward).parameters
+        if "layer_type" in params:
+            layer_type = getattr(getattr(block, "self_attn", None), "layer_type", None)
+            return rotary(x, position_ids, layer_type or "full_attention")
+        return rotary(x, position_ids)
+
+    def block_outputs(
+        self,
+        hidden_states,
+        position_ids: torch.Tensor | None = None,
+        state: TransformerDraftState | None = None,
+    ) -> torch.Tensor:
+        """``"transformer"`` heads: each head's decoder block on the input sequence.
+
+        Args:
+            hidden_states: as for :meth:`forward`, with a sequence axis: each ``[B, S, D]``.
+            position_ids: ``[B, S]`` or ``[S]`` int64 rotary positions (default: ``past + 0 ..
+                past + S - 1``, ``past`` the number of positions cached in ``state``, 0 without).
+            state: a :class:`TransformerDraftState` (:meth:`new_draft_state`): the ``S`` positions
+                attend to the cached ones and are appended to the caches.
+        Returns:
+            ``[B, S, H, D]`` of the heads' parameter dtype: the blocks' outputs (residual streams,
+            not normed; :meth:`unembed` gives the logits).
+        """
+        self._require_transformer("block_outputs")
+        x = self.select_input(hidden_states)
+        self._check_sequence(x)
+        B, S, _ = x.shape
+        past = 0 if state is None else state.length
+        if state is not None and len(state.caches) != self.config.num_heads:
+            raise ValueError(
+                f"state must hold num_heads={self.config.num_heads} caches, got {len(state.caches)}"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=x.device)
+        position_ids = torch.as_tensor(position_ids, device=x.device)
+        if position_ids.dtype != torch.long or position_ids.shape not in ((S,), (B, S)):
+            raise ValueError(
+                f"position_ids must be int64 of shape [{S}] or [{B}, {S}], got "
+                f"{position_ids.dtype} {list(position_ids.shape)}"
+            )
+        position_ids = position_ids.expand(B, S)
+        outs = []
+        for h, block in enumerate(self.blocks):
+            window = getattr(getattr(block, "self_attn", None), "sliding_window", None)
+            mask = _block_causal_mask(B, S, past, x.dtype, x.device, window)
+            cache = None if state is None else state.caches[h]
+            out = block(
+                x,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=self._position_embeddings(block, x, position_ids),
+                **cache_kwarg(block, cache),
+            )
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.stack(outs, -2)
+
     def _cond_feature(self, h: int, f: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         e = F.embedding(tok, self.embed_weight).to(f.dtype)
@@ -456,7 +697,8 @@ class MTPHeads(nn.Module):
 
         Args:
             hidden_states: the backbone's ``hidden_states`` tuple (each ``[..., D]``), or one
-                ``[..., D]`` tensor for an int ``layer``.
+                ``[..., D]`` tensor for an int ``layer``; ``"transformer"`` heads need a sequence
+                axis: ``[B, S, D]`` (logits ``[B, S, H, V']``, causal over the ``S`` positions).
             next_tokens: conditioned heads only, int64. ``[..., H]``: teacher forcing,
                 ``next_tokens[..., d]`` is the true token at ``t + 1 + d`` (see
                 :meth:`teacher_tokens`); ``[...]``: the token at ``t + 1`` only, deeper heads chain
@@ -464,8 +706,10 @@ class MTPHeads(nn.Module):
         Returns:
             logits of the heads' parameter dtype; ``logits[..., h - 1, :]`` predicts ``t + 1 + h``.
         """
-        x = self.select_input(hidden_states)
         kind = self.config.kind
+        if kind == "transformer":
+            return self._unembed(self.block_outputs(hidden_states))
+        x = self.select_input(hidden_states)
         if kind == "resblock":
             z = x.unsqueeze(-2) + F.silu(
                 torch.einsum("...d,hed->...he", x, self.weight) + self.bias
@@ -521,6 +765,12 @@ class MTPHeads(nn.Module):
             features to pass at ``depth + 1`` and the top-``k`` children with full-vocabulary ids.
         """
         H, D = self.config.num_heads, self.config.hidden_size
+        if self.config.kind == "transformer":
+            raise NotImplementedError(
+                "draft_step is not available for kind='transformer' (its heads attend over the "
+                "sequence, not one feature per node); use draft(..., state=new_draft_state()) per "
+                "position instead"
+            )
         if not 1 <= depth <= H:
             raise ValueError(f"depth must be in [1, {H}], got {depth}")
         n_vocab = self.config.draft_vocab_size or self.config.vocab_size
@@ -549,7 +799,12 @@ class MTPHeads(nn.Module):
 
     @torch.no_grad()
     def draft(
-        self, hidden_states, k: int, next_tokens: torch.Tensor | None = None
+        self,
+        hidden_states,
+        k: int,
+        next_tokens: torch.Tensor | None = None,
+        state: TransformerDraftState | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path: top-``k`` log-probabilities and full-vocabulary ids per head.
 
@@ -559,14 +814,27 @@ class MTPHeads(nn.Module):
             k: ``1 <= k <= V`` (``<= N`` with a draft vocabulary).
             next_tokens: ``[...]`` int64, the token after each position (in decoding, the root
                 token); required by conditioned heads, which chain through their own top-1.
+            state: ``"transformer"`` heads only: a :class:`TransformerDraftState`
+                (:meth:`new_draft_state`); ``hidden_states`` then holds the new positions only
+                (``[B, S_new, D]``), which attend to the cached ones and are added to the caches.
+            position_ids: ``"transformer"`` heads only: rotary positions ``[B, S]`` or ``[S]``
+                (default: continuing after the cached positions).
         Returns:
-            ``logprobs[..., H, k]`` float32 (descending) and ``ids[..., H, k]`` int64.
+            ``logprobs[..., H, k]`` float32 (descending, ties toward the lower id) and
+            ``ids[..., H, k]`` int64; ``[B, S, H, k]`` for ``"transformer"`` heads.
         """
-        x = self.select_input(hidden_states)
-        lead = x.shape[:-1]
         n_vocab = self.config.draft_vocab_size or self.config.vocab_size
         if not 1 <= k <= n_vocab:
             raise ValueError(f"k must be in [1, {n_vocab}], got {k}")
+        if self.config.kind == "transformer":
+            z = self.block_outputs(hidden_states, position_ids=position_ids, state=state)
+            return self._topk_logprobs(self._unembed(z), k)
+        if state is not None or position_ids is not None:
+            raise ValueError(
+                f"state and position_ids need kind='transformer', got kind={self.config.kind!r}"
+            )
+        x = self.select_input(hidden_states)
+        lead = x.shape[:-1]
         H, D = self.config.num_heads, self.config.hidden_size
         flat = x.reshape(-1, D)
         norm_w = self.norm_weight.to(x.dtype) if self._applies_norm else None
@@ -578,10 +846,8 @@ class MTPHeads(nn.Module):
                 flat, self.weight, self.bias, table, k, norm_w, eps, self.vocab_ids
             )
         elif kind == "linear":
-            logits = self._unembed(torch.einsum("nd,hed->nhe", flat, self.weight)).float()
-            top_v, top_i = stable_topk(logits, k)
-            lp = top_v - torch.logsumexp(logits, -1, keepdim=True)
-            ids = top_i if self.vocab_ids is None else self.vocab_ids[top_i]
+            logits = self._unembed(torch.einsum("nd,hed->nhe", flat, self.weight))
+            lp, ids = self._topk_logprobs(logits, k)
         else:
             self._check_tokens(next_tokens, lead, allow_per_head=False)
             tok = next_tokens.reshape(-1)
@@ -600,3 +866,11 @@ class MTPHeads(nn.Module):
                 tok = ids_h[:, 0, 0]
             lp, ids = torch.cat(lps, 1), torch.cat(idss, 1)
         return lp.reshape(*lead, H, k), ids.reshape(*lead, H, k)
+
+    def _topk_logprobs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` of ``log_softmax(logits[..., V'])``: float32 log-probabilities (descending,
+        ties toward the lower column) and full-vocabulary ids int64, each ``[..., k]``."""
+        logits = logits.float()
+        top_v, top_i = stable_topk(logits, k)
+        lp = top_v - torch.logsumexp(logits, -1, keepdim=True)
+        return lp, (top_i if self.vocab_ids is None else self.vocab_ids[top_i])

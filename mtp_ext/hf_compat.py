@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-__all__ = ["cache_kwarg", "crop_cache"]
+__all__ = ["cache_kwarg", "crop_cache", "cache_layers"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,3 +33,47 @@ def crop_cache(cache, length: int) -> None:
     excess = cache.get_seq_length() - length
     if excess > 0:
         cache.crop(-excess)
+
+
+class _LegacyLayer:
+    """``keys`` / ``values`` of one layer of a cache that stores them in ``key_cache`` /
+    ``value_cache`` lists (older releases)."""
+
+    def __init__(self, cache, i: int):
+        self._cache, self._i = cache, i
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._cache.key_cache[self._i]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        self._cache.key_cache[self._i] = value
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._cache.value_cache[self._i]
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        self._cache.value_cache[self._i] = value
+
+
+def cache_layers(cache) -> list:
+    """The layers of a ``DynamicCache``, each with settable ``keys`` and ``values`` tensors
+    ``[B, kv_heads, S, head_dim]``. Raises TypeError for caches whose layers drop tokens (sliding
+    windows), whose slots cannot be moved in place."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            if getattr(layer, "is_sliding", False) or type(layer).__name__ not in (
+                "DynamicLayer",
+            ):
+                raise TypeError(
+                    f"cache layer {type(layer).__name__} is not supported (tree decoding moves "
+                    "cache entries in place; sliding-window layers drop them)"
+                )
+        return list(layers)
+    if hasattr(cache, "key_cache"):
+        return [_LegacyLayer(cache, i) for i in range(len(cache.key_cache))]
+    raise TypeError(f"unsupported cache type {type(cache).__name__}")

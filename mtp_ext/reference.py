@@ -162,32 +162,19 @@ def fused_mtp_heads(
     return torch.stack(logprobs, 1), torch.stack(ids, 1)
 
 
-def target_tokens(
-    target_logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    uniforms: torch.Tensor | None = None,
+def filtered_probs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
-    """The target model's token at every node.
+    """The sampling distribution ``[..., V]`` float32 (sums to 1) of :func:`target_tokens`:
+    ``softmax(logits / temperature)``, the ``top_k`` highest-ranked tokens kept (0 keeps all),
+    renormalized, then the shortest prefix of the ranking whose mass reaches ``top_p`` (a token is
+    kept when the kept mass ranked above it is below ``top_p``), renormalized."""
+    q, _ = _filtered(logits.float(), temperature, top_k, top_p)
+    return q / q.sum(-1, keepdim=True)
 
-    Greedy (``temperature == 0``): the argmax (ties toward the lower id, NaN first).
-    Sampling: ``p = softmax(logits / temperature)``; keep the ``top_k`` highest-ranked tokens
-    (``top_k == 0`` keeps all); renormalize; keep the shortest prefix of the ranking whose mass
-    reaches ``top_p`` (a token is kept when the kept mass ranked above it is below ``top_p``); then
-    walk the kept tokens in ascending id order and return the first whose cumulative probability
-    exceeds ``u * total`` (inverse CDF; if rounding leaves none, the last kept token).
 
-    Args:
-        target_logits: ``[..., V]`` float32/float16/bfloat16.
-        uniforms: ``[...]`` in ``[0, 1)``, required when ``temperature > 0``.
-    Returns:
-        ``[...]`` int64.
-    """
-    x = target_logits.float()
-    if temperature == 0.0:
-        return stable_topk(x, 1)[1][..., 0]
-    assert uniforms is not None
+def _filtered(x: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """Unnormalized kept mass ``q [..., V]`` and the kept mask ``[..., V]``."""
     v = x.shape[-1]
     _, order = torch.sort(x, dim=-1, descending=True, stable=True)
     p_sorted = torch.softmax(x / temperature, dim=-1).gather(-1, order)
@@ -202,6 +189,35 @@ def target_tokens(
         keep[..., 0] = True
     q = torch.zeros_like(p_sorted).scatter(-1, order, p_sorted * keep)
     kept = torch.zeros_like(keep).scatter(-1, order, keep)
+    return q, kept
+
+
+def target_tokens(
+    target_logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The target model's token at every node.
+
+    Greedy (``temperature == 0``): the argmax (ties toward the lower id, NaN first).
+    Sampling: from :func:`filtered_probs`: walk the kept tokens in ascending id order and return
+    the first whose cumulative probability exceeds ``u * total`` (inverse CDF; if rounding leaves
+    none, the last kept token).
+
+    Args:
+        target_logits: ``[..., V]`` float32/float16/bfloat16.
+        uniforms: ``[...]`` in ``[0, 1)``, required when ``temperature > 0``.
+    Returns:
+        ``[...]`` int64.
+    """
+    x = target_logits.float()
+    if temperature == 0.0:
+        return stable_topk(x, 1)[1][..., 0]
+    assert uniforms is not None
+    v = x.shape[-1]
+    q, kept = _filtered(x, temperature, top_k, top_p)
     cdf = torch.cumsum(q, -1)
     threshold = uniforms.float().unsqueeze(-1) * cdf[..., -1:]
     hit = (cdf > threshold) & kept

@@ -30,8 +30,23 @@ and top-5 accuracy against the text and against the backbone's greedy prediction
 mode, the backbone's next-token accuracy); each evaluation is one JSON line in ``log.jsonl``.
 Checkpoints (``checkpoint/``: the heads via ``save_pretrained``, plus ``trainer.pt`` with the
 optimizer, the step, the sampling generator and, in joint mode, the backbone) are written every
-``checkpoint_every`` steps and resumed from when ``resume`` is set. Single process only (no
-``torchrun`` / DDP yet).
+``checkpoint_every`` steps and resumed from when ``resume`` is set.
+
+**Distributed** (data parallel, e.g. ``torchrun --nproc_per_node N -m mtp_ext train-heads ...``;
+active when ``torch.distributed`` is initialized with a world size above 1, CPU ``gloo`` or GPU
+``nccl``): every rank draws the same global batch from the same seeded generator (``batch_positions``
+positions, or ``joint_seqs`` sequences in joint mode, which must be divisible by the world size) and
+keeps its contiguous share (rank ``r`` of ``W``: items ``[r * P / W, (r + 1) * P / W)``). Each rank's
+loss is its share of the global-batch loss (each head's term weighted by the rank's number of
+counted positions over the global number, which one small all-reduce gives), and the gradients of
+the trainable parameters are summed across ranks after ``backward`` (an explicit all-reduce rather
+than a ``DistributedDataParallel`` wrapper), before clipping; so a run on ``W`` processes follows the
+single-process run on the same global batch up to float rounding, in frozen and in joint mode. The
+trainable parameters are broadcast from rank 0 at the start. Only rank 0 prints progress, writes
+``log.jsonl``, checkpoints and the final heads; every rank resumes from the same checkpoint
+(``out_dir`` must be visible to all of them). With ``cache_dir``, rank 0 builds and saves the caches
+first and the others load them after a barrier; without it, every rank builds them in memory. Every
+rank evaluates the whole validation set (same result; no collective inside the evaluation).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ import warnings
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .heads import MTPHeads
@@ -286,11 +302,15 @@ def mtp_loss(
     targets: torch.Tensor,
     valid: torch.Tensor,
     teacher_logits: torch.Tensor | None = None,
+    scale: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Sum over heads of the mean loss over valid positions; returns ``(loss, per-head losses)``.
 
     ``logits [P, H, V']``; ``targets [P, H]`` full-vocabulary ids (-100: no target); for KL,
-    ``teacher_logits [P, H, V]`` the backbone's logits at ``t + h``."""
+    ``teacher_logits [P, H, V]`` the backbone's logits at ``t + h``. ``scale`` (``H`` factors,
+    default 1) multiplies each head's term in ``loss`` (not in the per-head losses): distributed
+    training passes this rank's counted positions over the global count (see :func:`_head_counts`).
+    """
     total = logits.new_zeros((), dtype=torch.float32)
     per = []
     for h in range(logits.shape[1]):
@@ -313,9 +333,21 @@ def mtp_loss(
                 per.append(float("nan"))
                 continue
             lh = F.cross_entropy(lg, tg, ignore_index=-100)
-        total = total + lh
+        total = total + (lh if scale is None else lh * float(scale[h]))
         per.append(float(lh.detach()))
     return total, per
+
+
+def _head_counts(
+    heads: MTPHeads, targets: torch.Tensor, valid: torch.Tensor, kl: bool
+) -> torch.Tensor:
+    """``[H]`` (int64) the number of positions each head's term of :func:`mtp_loss` averages over:
+    the valid ones for KL, else those whose target is in the draft vocabulary (cross-entropy
+    ignores the others)."""
+    if kl:
+        return valid.sum(0)
+    tg = heads.draft_index(targets.clamp(min=0)).masked_fill(targets < 0, -100)
+    return (tg >= 0).sum(0)
 
 
 def _topk_hits(heads: MTPHeads, logits: torch.Tensor, targets: torch.Tensor, k: int):
@@ -337,6 +369,141 @@ def _sample_positions(N: int, T: int, P: int, gen: torch.Generator):
     per = T - 2
     flat = torch.randint(0, N * per, (P,), generator=gen)
     return flat // per, flat % per
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed (data parallel) helpers
+# ----------------------------------------------------------------------------------------------
+
+_BUCKET_NUMEL = 1 << 24  # gradient elements per all-reduce (bounds the flat buffer's memory)
+
+
+def _dist_info() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group; ``(0, 1)`` when not initialized."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_slice(n: int, rank: int, world: int, what: str = "batch") -> slice:
+    """Rank ``rank``'s contiguous share ``[rank * n / world, (rank + 1) * n / world)`` of ``n``
+    items of a global batch; ``n`` must be divisible by ``world`` (``what`` names it in the error)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if n % world:
+        raise ValueError(
+            f"{what}={n} must be divisible by the world size {world} (every rank takes an equal "
+            f"share of the global batch)"
+        )
+    k = n // world
+    return slice(rank * k, (rank + 1) * k)
+
+
+def _check_distributed(config: TrainConfig, world: int) -> None:
+    """Raises ``ValueError`` when the global batch cannot be split evenly over ``world`` ranks."""
+    if config.joint:
+        _rank_slice(config.joint_seqs, 0, world, "joint_seqs")
+    else:
+        _rank_slice(config.batch_positions, 0, world, "batch_positions")
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over the ranks (a new tensor on ``x``'s device and dtype)."""
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y
+
+
+def _global_scale(local: torch.Tensor, world: int) -> list[float] | None:
+    """Per-head factors ``local / global`` of the counted positions (``None`` on one process), so
+    that the ranks' scaled losses sum to the global-batch loss."""
+    if world == 1:
+        return None
+    glob = _all_reduce_sum(local.double())
+    return (local.double() / glob.clamp(min=1)).tolist()
+
+
+def _broadcast_params(tensors: Sequence[torch.Tensor]) -> None:
+    """Copies rank 0's values of ``tensors`` to every rank (in place)."""
+    for x in tensors:
+        dist.broadcast(x.data, src=0)
+
+
+def _buckets(params: Sequence[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of ``params`` of at most ``limit`` elements (or one parameter)."""
+    out: list[list[torch.Tensor]] = [[]]
+    n = 0
+    for p in params:
+        if out[-1] and n + p.numel() > limit:
+            out.append([])
+            n = 0
+        out[-1].append(p)
+        n += p.numel()
+    return out
+
+
+def _all_reduce_grads(
+    params: Sequence[torch.Tensor], scalars: dict[str, float], device: torch.device
+) -> dict[str, float]:
+    """Sums the gradients of the parameters that require one, and ``scalars``, over the ranks.
+
+    Runs after ``backward``: a rank without a gradient for a parameter contributes zeros, and a
+    parameter no rank has a gradient for keeps ``grad=None`` (as in a single process). Every rank
+    must call it with the same parameters in the same order; the sums run in float64 on ``device``
+    (a CUDA device for ``nccl``). Returns the summed ``scalars``."""
+    params = [p for p in params if p.requires_grad]
+    keys = list(scalars)
+    out = dict(scalars)
+    for i, bucket in enumerate(_buckets(params, _BUCKET_NUMEL)):
+        head = [float(p.grad is not None) for p in bucket] + (
+            [float(scalars[k]) for k in keys] if i == 0 else []
+        )
+        parts = [torch.tensor(head, dtype=torch.float64, device=device)]
+        parts += [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
+            .to(device, torch.float64)
+            for p in bucket
+        ]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flags = flat[: len(bucket)].tolist()
+        if i == 0:
+            out = dict(zip(keys, flat[len(bucket) : len(head)].tolist()))
+        offset = len(head)
+        for p, has in zip(bucket, flags):
+            g = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if has == 0:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g.to(p.device, p.dtype)
+            else:
+                p.grad.copy_(g)
+    return out
+
+
+def _check_same_step(step: int, world: int, device: torch.device) -> None:
+    """Raises when the ranks resumed at different steps (a checkpoint only some of them see)."""
+    if world == 1:
+        return
+    x = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    if int(x[0]) != -int(x[1]):
+        raise RuntimeError(
+            f"ranks resumed at different steps (from {-int(x[1])} to {int(x[0])}): out_dir and its "
+            f"checkpoint must be visible to every rank"
+        )
+
+
+def _shared_cache(model, heads: MTPHeads, ids: torch.Tensor, config: TrainConfig, name: str,
+                  rank: int, world: int) -> dict:
+    """:func:`build_cache`; distributed with ``cache_dir``, rank 0 builds and saves it first and
+    the other ranks load the file after a barrier."""
+    if world == 1 or not config.cache_dir:
+        return build_cache(model, heads, ids, config, name)
+    cache = build_cache(model, heads, ids, config, name) if rank == 0 else None
+    dist.barrier()
+    return cache if cache is not None else build_cache(model, heads, ids, config, name)
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:
@@ -390,8 +557,27 @@ class _Progress:
 # ----------------------------------------------------------------------------------------------
 
 
+def _sequence_heads_forward(heads: MTPHeads, feat, s, t) -> torch.Tensor:
+    """Logits ``[P, H, V']`` of ``"transformer"`` heads (which attend over the sequence) at
+    positions ``(s[P], t[P])`` of cached features ``feat`` (``[N, T, D]``, or ``[L + 1, N, T, D]``
+    for WHS): the heads run on the distinct sequences among ``s``, cut after the last position
+    asked for (causal attention: later positions change nothing before them), and only the ``P``
+    gathered block outputs go through the norm and the unembedding."""
+    device = heads.lm_head_weight.device
+    uniq, inv = torch.unique(s, return_inverse=True)
+    end = int(t.max()) + 1
+    if heads.config.layer == "whs":
+        x = tuple(a.to(device) for a in feat[:, uniq.to(feat.device), :end])
+    else:
+        x = feat[uniq.to(feat.device), :end].to(device)
+    z = heads.block_outputs(x)  # [n, end, H, D]
+    return heads.unembed(z[inv.to(device), t.to(device)])
+
+
 def _heads_forward(heads: MTPHeads, feat, ids, s, t):
     """Heads' logits for positions ``(s, t)`` of cached features."""
+    if heads.config.kind == "transformer":
+        return _sequence_heads_forward(heads, feat, s, t)
     device = heads.lm_head_weight.device
     if heads.config.layer == "whs":
         x = tuple(a.to(device) for a in feat[:, s, t])
@@ -550,11 +736,17 @@ def train_heads(
         config: a :class:`TrainConfig`.
     Returns:
         ``{"history": {"step", "loss", "lr"}, "evals": [...], "final": {...}, "timing": {...}}``.
+
+    When ``torch.distributed`` is initialized with several ranks, every rank calls this with the
+    same arguments and trains its share of each global batch (see the module docstring); all ranks
+    return the same history (global-batch losses) and evaluations. Raises ``ValueError`` when
+    ``batch_positions`` (``joint_seqs`` in joint mode) is not divisible by the world size.
     """
     config = config or TrainConfig()
+    rank, world = _dist_info()
+    _check_distributed(config, world)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    H = heads.config.num_heads
     timing = {}
     t0 = time.perf_counter()
     train_ids = tokenize_texts(texts_train, tokenizer, config.seq_len, config.max_train_tokens)
@@ -585,21 +777,26 @@ def train_heads(
         step, history = _load_checkpoint(
             ckpt, heads, optimizer, scheduler, gen, model if config.joint else None
         )
-        print(f"train-heads: resumed from {ckpt} at step {step}", file=sys.stderr)
+        if rank == 0:
+            print(f"train-heads: resumed from {ckpt} at step {step}", file=sys.stderr)
+    device = heads.lm_head_weight.device
+    _check_same_step(step, world, device)
 
     # Caches (frozen mode): train once, validation once.
     train_cache = None
     t0 = time.perf_counter()
     if not config.joint and config.cache_hidden:
-        train_cache = build_cache(model, heads, train_ids, config, "train")
+        train_cache = _shared_cache(model, heads, train_ids, config, "train", rank, world)
     timing["cache_train_s"] = time.perf_counter() - t0
     if step == 0:  # a resumed run keeps the vocabulary its checkpoint holds
         _set_draft_vocab(heads, train_ids, train_cache, config)
     t0 = time.perf_counter()
     val_cache = None
     if not config.joint:
-        val_cache = build_cache(model, heads, val_ids, config, "val")
+        val_cache = _shared_cache(model, heads, val_ids, config, "val", rank, world)
     timing["cache_val_s"] = time.perf_counter() - t0
+    if world > 1:  # every rank starts from rank 0's parameters
+        _broadcast_params(head_params + (backbone_params if config.joint else []))
 
     def run_eval(at_step):
         if config.joint:
@@ -609,38 +806,32 @@ def train_heads(
         res = evaluate(heads, vc, config)
         rec = _eval_record(at_step, res, config)
         evals.append(rec)
-        _log(config, rec)
+        if rank == 0:
+            _log(config, rec)
         return res
 
-    N, T = train_ids.shape
-    device = heads.lm_head_weight.device
-    bar = _Progress(config.steps, step, config)
+    bar = _Progress(config.steps, step,
+                    config if rank == 0 else dataclasses.replace(config, progress=False))
     t0 = time.perf_counter()
     heads.train()
+    trainable = head_params + (backbone_params if config.joint else [])
     while step < config.steps:
         if config.joint:
-            loss, info = _joint_step(model, heads, train_ids, gen, step, config, backbone_params)
+            loss, info = _joint_step(model, heads, train_ids, gen, step, config, backbone_params,
+                                     rank, world)
         else:
-            s, t = _sample_positions(N, T, config.batch_positions, gen)
-            if train_cache is not None:
-                cache, si = train_cache, s
-            else:
-                cache, si = _uncached_features(model, heads, train_ids, s, config)
-            logits = _heads_forward(heads, cache["feat"], cache["ids"], si, t)
-            targets, valid = head_targets(cache["ids"], cache["greedy"], si, t, H, config.target)
-            tl = None
-            if config.target == "kl":
-                tl = _teacher_logits(heads, cache, si, t, valid)
-            loss, per = mtp_loss(heads, logits, targets.to(device), valid.to(device), tl)
-            info = {"loss": float(loss.detach())}
+            loss, info = _frozen_step(model, heads, train_ids, train_cache, gen, config,
+                                      rank, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:  # this rank's share of the global-batch gradient: sum the shares
+            info = _all_reduce_grads(trainable, info, device)
         if config.grad_clip:
-            params = head_params + (backbone_params if config.joint else [])
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], config.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None],
+                                           config.grad_clip)
         optimizer.step()
         history["step"].append(step)
-        history["loss"].append(float(loss.detach()))
+        history["loss"].append(info["loss"])
         history["lr"].append(optimizer.param_groups[0]["lr"])
         history["backbone_lr"].append(optimizer.param_groups[1]["lr"] if config.joint else 0.0)
         scheduler.step()
@@ -648,7 +839,7 @@ def train_heads(
         bar.update(step, info)
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
             run_eval(step)
-        if ckpt and config.checkpoint_every and step % config.checkpoint_every == 0:
+        if ckpt and rank == 0 and config.checkpoint_every and step % config.checkpoint_every == 0:
             _save_checkpoint(ckpt, heads, optimizer, scheduler, step, gen, history,
                              model if config.joint else None)
         if config.stop_at is not None and step >= config.stop_at:
@@ -659,14 +850,16 @@ def train_heads(
         p.requires_grad_(False)
     heads.eval()
     finished = step >= config.steps
-    if ckpt and config.stop_at is not None and not finished:
+    if ckpt and rank == 0 and config.stop_at is not None and not finished:
         _save_checkpoint(ckpt, heads, optimizer, scheduler, step, gen, history,
                          model if config.joint else None)
     t0 = time.perf_counter()
     final = run_eval(step)
     timing["eval_s"] = time.perf_counter() - t0
-    if config.out_dir and finished:
+    if config.out_dir and finished and rank == 0:
         heads.save_pretrained(os.path.join(config.out_dir, "heads"))
+    if world > 1:  # on return, rank 0's files are written on every rank
+        dist.barrier()
     return {
         "history": history,
         "evals": evals,
@@ -678,15 +871,46 @@ def train_heads(
     }
 
 
-def _joint_step(model, heads, train_ids, gen, step, config, backbone_params):
+def _frozen_step(model, heads: MTPHeads, train_ids: torch.Tensor, train_cache: dict | None,
+                 gen: torch.Generator, config: TrainConfig, rank: int = 0, world: int = 1):
+    """One frozen-mode step's loss on ``batch_positions`` sampled positions (this rank's share of
+    them when distributed: its loss terms are scaled so that the ranks' losses sum to the global
+    batch's). Returns ``(loss, {"loss": global-batch loss on one process, this rank's share
+    otherwise})``."""
+    H = heads.config.num_heads
+    device = heads.lm_head_weight.device
+    N, T = train_ids.shape
+    s, t = _sample_positions(N, T, config.batch_positions, gen)  # the same on every rank
+    if world > 1:
+        mine = _rank_slice(config.batch_positions, rank, world, "batch_positions")
+        s, t = s[mine], t[mine]
+    if train_cache is not None:
+        cache, si = train_cache, s
+    else:
+        cache, si = _uncached_features(model, heads, train_ids, s, config)
+    logits = _heads_forward(heads, cache["feat"], cache["ids"], si, t)
+    targets, valid = head_targets(cache["ids"], cache["greedy"], si, t, H, config.target)
+    targets, valid = targets.to(device), valid.to(device)
+    kl = config.target == "kl"
+    tl = _teacher_logits(heads, cache, si, t, valid.cpu()) if kl else None
+    scale = _global_scale(_head_counts(heads, targets, valid, kl), world) if world > 1 else None
+    loss, _ = mtp_loss(heads, logits, targets, valid, tl, scale)
+    return loss, {"loss": float(loss.detach())}
+
+
+def _joint_step(model, heads, train_ids, gen, step, config, backbone_params, rank=0, world=1):
     """One joint step: NTP + lambda * MTP on ``joint_seqs`` sequences (the backbone frozen during
-    the head warm-up)."""
+    the head warm-up); distributed, on this rank's share of them, its loss scaled so that the
+    ranks' losses (and the returned ``loss`` / ``ntp`` / ``mtp`` values) sum to the global
+    batch's."""
     H = heads.config.num_heads
     device = heads.lm_head_weight.device
     unfrozen = step >= config.head_warmup_steps
     for p in backbone_params:
         p.requires_grad_(unfrozen)
     idx = torch.randint(0, train_ids.shape[0], (config.joint_seqs,), generator=gen)
+    if world > 1:
+        idx = idx[_rank_slice(config.joint_seqs, rank, world, "joint_seqs")]
     x = train_ids[idx].to(device)
     with torch.set_grad_enabled(unfrozen):
         out = model(x, output_hidden_states=True)
@@ -709,6 +933,11 @@ def _joint_step(model, heads, train_ids, gen, step, config, backbone_params):
     if config.target == "kl":
         pos = (t[:, None] + torch.arange(1, H + 1)[None]).clamp(max=T - 1)
         tl = out.logits.detach()[s[:, None], pos]
-    mtp, _ = mtp_loss(heads, logits, targets.to(device), valid.to(device), tl)
+    targets, valid = targets.to(device), valid.to(device)
+    scale = None
+    if world > 1:  # equal shares of equal-length sequences: the NTP mean scales by 1 / world
+        ntp = ntp / world
+        scale = _global_scale(_head_counts(heads, targets, valid, tl is not None), world)
+    mtp, _ = mtp_loss(heads, logits, targets, valid, tl, scale)
     loss = (ntp if unfrozen else ntp.detach()) + config.mtp_lambda * mtp
     return loss, {"loss": float(loss.detach()), "ntp": float(ntp.detach()), "mtp": float(mtp.detach())}

@@ -204,9 +204,12 @@ def random_case(b, t, v, dtype, seed, batched_parents, targets=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def tiny_llama(vocab: int, hidden: int, intermediate: int, layers: int = 2, seed: int = 0):
+def tiny_llama(
+    vocab: int, hidden: int, intermediate: int, layers: int = 2, seed: int = 0, name: str = ""
+):
     """A random-weight ``LlamaForCausalLM`` (4 heads, 2 KV heads, tied embeddings) in eval mode,
-    built without touching the global RNG state. Skips the test when transformers is missing."""
+    named ``name``, built without touching the global RNG state. Skips the test when transformers
+    is missing."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
         vocab_size=vocab,
@@ -219,4 +222,6 @@ def tiny_llama(vocab: int, hidden: int, intermediate: int, layers: int = 2, seed
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).eval()
+        model = transformers.LlamaForCausalLM(config).eval()
+    model.name_or_path = name
+    return model

@@ -26,9 +26,7 @@ LAYER_CHOICES = [-1, 1, 0, "whs"]
 
 
 def _tiny_llama(hidden=HIDDEN, seed=0, name=""):
-    m = tiny_llama(VOCAB, hidden, 128, LAYERS, seed)
-    m.name_or_path = name
-    return m
+    return tiny_llama(VOCAB, hidden, 128, LAYERS, seed, name)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +75,13 @@ def test_shapes_and_dtypes(model, batch, kind, layer):
     assert ((top >= 0) & (top < VOCAB)).all()
 
 
-def test_transformer_kind_not_implemented():
-    with pytest.raises(NotImplementedError, match="transformer"):
-        MTPHeadsConfig(num_heads=2, hidden_size=HIDDEN, vocab_size=VOCAB, kind="transformer")
+def test_transformer_kind_available(model, batch):
+    """The transformer kind (tested in test_heads_transformer.py) is accepted; it needs a sequence
+    axis, so it is not part of this file's KINDS."""
+    _, hs, _ = batch
+    MTPHeadsConfig(num_heads=2, hidden_size=HIDDEN, vocab_size=VOCAB, kind="transformer")
+    heads = MTPHeads.for_model(model, num_heads=2, kind="transformer")
+    assert heads(hs).shape == (2, 9, 2, VOCAB)
 
 
 def test_bad_config():
