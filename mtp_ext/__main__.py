@@ -100,6 +100,8 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
 
     rank = _dist_info()[0]
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     model.to(device)
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a torch file {'train': [N, T] ids, 'validation': [M, T] ids} "
                            "used instead of --texts (no tokenizer needed)")
     p_tr.add_argument("--shuffle-texts", action="store_true", help="shuffle the training items")
+    p_tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p_tr.add_argument("--kind", default="resblock",
                       choices=["resblock", "linear", "conditioned", "transformer"])
     p_tr.add_argument("--num-heads", type=int, default=3)

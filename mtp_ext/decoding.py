@@ -307,7 +307,7 @@ def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, op
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
     state.feature = _heads_input(heads, out, last)
-    return num_acc, tokens, amax
+    return num_acc, tokens, amax, tree, path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,9 +398,11 @@ def _check_unsupported(kwargs: dict) -> None:
         raise ValueError("mtp_ext.generate always uses the key/value cache (use_cache=False given)")
 
 
-def _tree_spec(tree, heads: MTPHeads) -> TreeSpec:
-    if tree is None:
-        return DynamicTree(size=8, width=3)
+def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpec:
+    if tree is None or (isinstance(tree, str) and tree == "auto"):
+        from .tree_tuning import auto_tree
+
+        return auto_tree(model, heads, input_ids)
     if isinstance(tree, (StaticTree, DynamicTree)):
         return tree
     if isinstance(tree, int):
@@ -460,8 +462,10 @@ def generate(
         attention_mask: ``[B, P]`` (1 = token, 0 = padding); inferred as transformers does.
         max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id: as in
             ``model.generate``; unset values come from ``model.generation_config``.
-        tree: the draft tree: None (a dynamic tree of 8 nodes), a node count (dynamic tree), a
-            list of rank paths or a :class:`~mtp_ext.trees.StaticTree`, ``"chain"``, or a
+        tree: the draft tree: None or ``"auto"`` (a dynamic tree of the size that measured
+            fastest for this model, device, dtype and heads: :func:`mtp_ext.tree_tuning.auto_tree`,
+            profiled on the first call and cached), a node count (dynamic tree), a list of rank
+            paths or a :class:`~mtp_ext.trees.StaticTree`, ``"chain"``, or a
             :class:`~mtp_ext.trees.DynamicTree`. One node decodes plainly.
         generator: ``torch.Generator`` for sampling (the uniforms of the verification).
         streamer: e.g. transformers' ``TextStreamer``; gets the prompt, then the tokens of each
@@ -474,6 +478,7 @@ def generate(
         ``[B, P + N]`` int64 (prompt then new tokens, padded with ``pad_token_id`` after a row's
         EOS), or an :class:`MTPGenerateOutput`.
     """
+    on_step = kwargs.pop("_on_step", None)  # internal: called with (tree, num_accepted, path)
     _check_unsupported(kwargs)
     t_start = time.perf_counter()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
@@ -489,7 +494,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    spec = _tree_spec(tree, heads)
+    spec = _tree_spec(tree, model, heads, input_ids)
     if attention_mask is None:
         attention_mask = _default_attention_mask(input_ids, settings)
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -529,7 +534,11 @@ def generate(
         try:
             while not output.finished:
                 active = torch.tensor([not d for d in output.done])
-                num_acc, tokens, amax = _step(model, heads, state, spec, settings, uniforms, ops)
+                num_acc, tokens, amax, drafted, path = _step(
+                    model, heads, state, spec, settings, uniforms, ops
+                )
+                if on_step is not None:
+                    on_step(drafted, num_acc, path)
                 steps += 1
                 accepted.append(num_acc.cpu().masked_fill(~active, -1))
                 emitted = tokens[:, : amax + 1].tolist()

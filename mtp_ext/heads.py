@@ -569,10 +569,21 @@ class MTPHeads(nn.Module):
         return x.to(self._param_dtype)
 
     def _table(self) -> torch.Tensor:
-        t = self.lm_head_weight
-        if self.vocab_ids is not None:
-            t = t[self.vocab_ids]
-        return t.to(self._param_dtype)
+        """The unembedding rows the heads project onto (``[N, D]`` with a draft vocabulary), in
+        the heads' dtype. Gathered once and kept until the output layer, the vocabulary ids or the
+        dtype change (the gather copies ``N x D`` values, as much as a head's whole matmul)."""
+        lm, ids, dtype = self.lm_head_weight, self.vocab_ids, self._param_dtype
+        key = (
+            lm.data_ptr(), lm._version, lm.device, dtype,
+            None if ids is None else (ids.data_ptr(), ids._version),
+        )
+        cached = self.__dict__.get("_table_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        t = lm if ids is None else lm[ids]
+        t = t.to(dtype)
+        self.__dict__["_table_cache"] = (key, t)
+        return t
 
     def _unembed(self, z: torch.Tensor) -> torch.Tensor:
         if self._applies_norm:

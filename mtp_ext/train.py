@@ -206,6 +206,24 @@ def _fingerprint(model, heads: MTPHeads, ids: torch.Tensor, target: str, dtype: 
     return h.hexdigest()[:16]
 
 
+def _cache_progress(total: int, name: str, config: TrainConfig):
+    """A callable advancing a progress bar over ``total`` tokens (a no-op without progress)."""
+    if not config.progress or _dist_info()[0] != 0:
+        return lambda n: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda n: None
+    bar = tqdm(total=total, desc=f"caching hidden states ({name})", unit="tok", unit_scale=True)
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return advance
+
+
 @torch.inference_mode()
 def build_cache(
     model, heads: MTPHeads, ids: torch.Tensor, config: TrainConfig, cache_name: str = "train"
@@ -233,9 +251,11 @@ def build_cache(
         )
     feats, lasts, greedy = [], [], []
     checked = False
+    bar = _cache_progress(N * T, cache_name, config)
     for i in range(0, N, config.forward_batch):
         x = ids[i : i + config.forward_batch].to(device)
         out = model(x, output_hidden_states=True)
+        bar(x.numel())
         hs = out.hidden_states
         greedy.append(out.logits.argmax(-1).cpu())
         li = _layer_index(heads, len(hs))

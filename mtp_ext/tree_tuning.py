@@ -1,0 +1,173 @@
+"""Choosing the draft tree's size from measurement (``mtp_ext.tree_tuning``).
+
+A bigger tree accepts more tokens per step but costs more per step; where the balance lies depends
+on the model, the device, the dtype and the heads. :func:`profile_tree_sizes` measures both on a
+calibration prompt and picks the size ``T`` of a :class:`~mtp_ext.trees.DynamicTree` that
+maximizes ``tokens per step / seconds per step``; ``T = 1`` (plain decoding, no drafting) wins
+when no tree pays.
+
+- Acceptance: one greedy run with the largest tree. Dynamic trees are nested (the ``T`` best nodes
+  of a pool are among its ``T'`` best for ``T < T'``, and a node always ranks after its parent),
+  so the tokens the run would have accepted with any smaller tree follow from the same steps: the
+  accepted path cut at its first node ranked ``T`` or worse.
+- Cost: a few greedy steps at each size, timed step by step (median).
+
+:func:`auto_tree` caches the chosen size per model, device, dtype, heads and thread count in a JSON
+file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .heads import MTPHeads
+from .trees import DraftTree, DynamicTree
+
+__all__ = ["TreeProfile", "profile_tree_sizes", "auto_tree", "selection_ranks"]
+
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+DEFAULT_WIDTH = 4
+
+
+@dataclasses.dataclass
+class TreeProfile:
+    """Measured per tree size: ``step_ms`` (median milliseconds per step), ``tokens_per_step``
+    (mean tokens emitted per step, the bonus token included) and ``tokens_per_ms`` (their ratio);
+    ``best`` is the size with the highest ``tokens_per_ms``."""
+
+    sizes: list[int]
+    width: int
+    step_ms: list[float]
+    tokens_per_step: list[float]
+    tokens_per_ms: list[float]
+    best: int
+
+    def tree(self) -> DynamicTree:
+        return DynamicTree(self.best, self.width)
+
+
+def selection_ranks(tree: DraftTree) -> torch.Tensor:
+    """``[B, T]`` int64: the order in which a dynamic tree selected its nodes (root 0), i.e. node
+    ``i`` belongs to the dynamic tree of size ``t`` of the same pool iff ``rank[i] < t``."""
+    # Nodes are stored by depth, then pool index; the selection is by score, then depth, then pool
+    # index: one stable sort by score of the stored order reproduces it.
+    order = torch.sort(-tree.scores, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ranks
+
+
+def _accepted_by_size(tree: DraftTree, num_acc: torch.Tensor, path: torch.Tensor, sizes) -> torch.Tensor:
+    """``[len(sizes), B]``: tokens each row would have accepted with the tree of each size."""
+    ranks = selection_ranks(tree)
+    B, T = path.shape
+    j = torch.arange(T, device=path.device)
+    on_path = (j[None] >= 1) & (j[None] <= num_acc[:, None])
+    node_rank = ranks.gather(1, path.clamp(min=0))
+    out = []
+    for t in sizes:
+        ok = (node_rank < t) | ~on_path
+        # accepted = leading path nodes (from j = 1) all inside the subtree
+        inside = torch.cumprod(ok[:, 1:].long(), 1) * on_path[:, 1:].long()
+        out.append(inside.sum(1))
+    return torch.stack(out)
+
+
+def _timed_steps(model, heads, ids: torch.Tensor, tree, steps: int) -> list[float]:
+    from .decoding import generate
+
+    stamps: list[float] = []
+    generate(model, ids, heads, max_new_tokens=steps + 1, do_sample=False, tree=tree,
+             eos_token_id=[], _on_step=lambda *a: stamps.append(time.perf_counter()))
+    return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
+
+
+@torch.no_grad()
+def profile_tree_sizes(
+    model,
+    heads: MTPHeads,
+    input_ids: torch.Tensor,
+    sizes=DEFAULT_SIZES,
+    width: int = DEFAULT_WIDTH,
+    new_tokens: int = 64,
+    timing_steps: int = 10,
+    progress: bool = False,
+) -> TreeProfile:
+    """Measures tokens per step and time per step of dynamic trees of each size on a prompt.
+
+    Args:
+        model, heads: the backbone and its heads.
+        input_ids: ``[1, P]`` int64 calibration prompt.
+        sizes: tree sizes to consider (1 = plain decoding).
+        width: the dynamic trees' width.
+        new_tokens: tokens generated for the acceptance run (with the largest tree).
+        timing_steps: steps timed per size.
+    """
+    from .decoding import generate
+
+    sizes = sorted({int(s) for s in sizes})
+    if sizes[0] < 1:
+        raise ValueError(f"sizes must be >= 1, got {sizes}")
+    ids = input_ids[:1]
+    largest = DynamicTree(sizes[-1], width)
+    counts = []
+
+    def observe(tree, num_acc, path):
+        counts.append(_accepted_by_size(tree, num_acc, path, sizes).cpu())
+
+    generate(model, ids, heads, max_new_tokens=new_tokens, do_sample=False, tree=largest,
+             eos_token_id=[], _on_step=observe)
+    acc = torch.cat(counts, 1).double().mean(1) if counts else torch.zeros(len(sizes))
+    step_ms = []
+    for i, t in enumerate(sizes):
+        ms = _timed_steps(model, heads, ids, DynamicTree(t, width), timing_steps)
+        step_ms.append(statistics.median(ms))
+        if progress:
+            print(f"tree size {t}: {step_ms[-1]:.1f} ms/step, {1 + float(acc[i]):.2f} tokens/step")
+    tps = [1.0 + float(a) for a in acc]
+    rate = [n / ms for n, ms in zip(tps, step_ms)]
+    best = sizes[max(range(len(sizes)), key=lambda i: rate[i])]
+    return TreeProfile(sizes, width, step_ms, tps, rate, best)
+
+
+def _profile_key(model, heads: MTPHeads) -> str:
+    lm = heads.lm_head_weight
+    h = hashlib.sha256()
+    h.update(repr((
+        getattr(model.config, "_name_or_path", ""), type(model).__name__, str(lm.device),
+        str(lm.dtype), torch.get_num_threads(), heads.config.to_dict(), torch.__version__,
+    )).encode())
+    for p in heads.state_dict().values():
+        h.update(repr(float(p.double().sum())).encode())
+    return h.hexdigest()[:20]
+
+
+def _profile_path(key: str) -> Path:
+    from .assets import cache_dir
+
+    return Path(cache_dir()) / "tree_profiles" / f"{key}.json"
+
+
+def auto_tree(model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = False) -> DynamicTree:
+    """The dynamic tree whose size measured fastest for this model, device, dtype, heads and thread
+    count: read from the cache, or profiled on ``input_ids`` (its first row) and cached."""
+    key = _profile_key(model, heads)
+    path = _profile_path(key)
+    if path.is_file() and not refresh:
+        with open(path) as f:
+            return TreeProfile(**json.load(f)).tree()
+    profile = profile_tree_sizes(model, heads, input_ids)
+    os.makedirs(path.parent, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(profile), f, indent=2)
+    os.replace(tmp, path)
+    return profile.tree()
