@@ -225,3 +225,17 @@ def tiny_llama(
         model = transformers.LlamaForCausalLM(config).eval()
     model.name_or_path = name
     return model
+
+
+def perturbed_heads(model, kind: str = "conditioned", seed: int = 0, scale: float = 0.05, num_heads: int = 3,
+                    **kw):
+    """``MTPHeads.for_model(model, num_heads, kind, **kw)`` with Gaussian noise (``scale``) added to
+    every parameter: fresh heads are too trivial to test drafting on."""
+    from mtp_ext.heads import MTPHeads
+
+    heads = MTPHeads.for_model(model, num_heads, kind=kind, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return heads

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import perturbed_heads, tiny_llama
 
 import mtp_ext
 from mtp_ext import tree_tuning as tt
@@ -24,12 +24,7 @@ def model():
 
 
 def _heads(model, kind="conditioned", seed=0, scale=0.05):
-    heads = MTPHeads.for_model(model, 3, kind=kind)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return heads
+    return perturbed_heads(model, kind, seed, scale)
 
 
 def _paths(tree, b):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import perturbed_heads, tiny_llama
 
 from mtp_ext.heads import MTPHeads
 from mtp_ext.trees import DynamicTree, StaticTree, build_tree, chain
@@ -22,12 +22,7 @@ def model():
 
 
 def _heads(model, kind, vocab=None, seed=0):
-    heads = MTPHeads.for_model(model, num_heads=H, kind=kind, draft_vocab_size=vocab)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return heads
+    return perturbed_heads(model, kind, seed, 0.3, H, draft_vocab_size=vocab)
 
 
 def _inputs(B=3, seed=1):
