@@ -241,25 +241,54 @@ def _heads_input(heads: MTPHeads, out, index: torch.Tensor | None):
 @dataclasses.dataclass
 class _State:
     """Per-call decoding state. ``kv_valid [B, S]`` bool: which cache slots each row may attend
-    to; ``next_pos [B]``: the position id of each row's root; ``root [B]``: the last accepted
+    to; ``kv_pos [B, S]`` int64: the position id of each slot (for sliding windows); ``next_pos [B]``: the position id of each row's root; ``root [B]``: the last accepted
     token; ``feature``: the heads' input at the position before the root."""
 
     cache: Any
     kv_valid: torch.Tensor
+    kv_pos: torch.Tensor
     next_pos: torch.Tensor
     root: torch.Tensor
     feature: Any
 
 
-def _tree_mask(kv_valid: torch.Tensor, parents: torch.Tensor, dtype, ops) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mask [B, 1, T, S + T]`` additive and ``depths [B, T]`` for a tree over the cache."""
+def _attention_layout(model) -> int | None:
+    """The sliding window of the model's sliding-attention layers, or None when every layer
+    attends fully; raises for layer types the loop does not handle."""
+    cfg = getattr(model, "config", None)
+    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    unknown = types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise NotImplementedError(f"mtp_ext.generate does not handle layer types {sorted(unknown)}")
+    if "sliding_attention" in types:
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            raise ValueError("the model has sliding-attention layers but no config.sliding_window")
+        return int(window)
+    return None
+
+
+def _tree_mask(state: _State, parents: torch.Tensor, dtype, ops, window: int | None):
+    """The attention mask for a tree over the cache and the nodes' position ids ``[B, T]``:
+    ``[B, 1, T, S + T]`` additive, or, for models with sliding-window layers,
+    ``{"full_attention": ..., "sliding_attention": ...}`` (keys at least ``window`` positions
+    behind the query masked too)."""
+    kv_valid = state.kv_valid
     B, S = kv_valid.shape
     tree_mask, depths = ops.tree_attention_mask(parents, 0, dtype)  # [B, T, T], [B, T]
     T = tree_mask.shape[-1]
+    neg = torch.finfo(dtype).min
+    pos = state.next_pos[:, None] + depths
     prefix = torch.zeros(B, S, dtype=dtype, device=kv_valid.device)
-    prefix.masked_fill_(~kv_valid, torch.finfo(dtype).min)
-    mask = torch.cat([prefix[:, None, :].expand(B, T, S), tree_mask], -1)
-    return mask[:, None], depths
+    prefix.masked_fill_(~kv_valid, neg)
+    full = torch.cat([prefix[:, None, :].expand(B, T, S), tree_mask], -1)[:, None]
+    if window is None:
+        return full, pos
+    # Tree nodes are at most T - 1 positions apart: only cache slots can fall out of the window.
+    far = (pos[:, :, None] - state.kv_pos[:, None, :]) >= window  # [B, T, S]
+    sliding = full.clone()
+    sliding[:, 0, :, :S].masked_fill_(far, neg)
+    return {"full_attention": full, "sliding_attention": sliding}, pos
 
 
 def _compact(cache, path: torch.Tensor, num_accepted: torch.Tensor, T: int, keep: int, ops) -> None:
@@ -278,8 +307,7 @@ def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, op
     tree = build_tree(heads, state.feature, state.root, spec)
     T = tree.size
     dtype = heads.lm_head_weight.dtype
-    mask, depths = _tree_mask(state.kv_valid, tree.parents, dtype, ops)
-    pos = state.next_pos[:, None] + depths
+    mask, pos = _tree_mask(state, tree.parents, dtype, ops, _attention_layout(model))
     base = _backbone(model)
     out = base(
         tree.tokens, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -301,9 +329,9 @@ def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, op
     _compact(state.cache, path, num_acc, T, amax + 1, ops)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     last = path[rows, num_acc]
-    state.kv_valid = torch.cat(
-        [state.kv_valid, torch.arange(amax + 1, device=tokens.device)[None] <= num_acc[:, None]], 1
-    )
+    kept = torch.arange(amax + 1, device=tokens.device)[None]
+    state.kv_valid = torch.cat([state.kv_valid, kept <= num_acc[:, None]], 1)
+    state.kv_pos = torch.cat([state.kv_pos, state.next_pos[:, None] + kept], 1)
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
     state.feature = _heads_input(heads, out, last)
@@ -420,15 +448,15 @@ def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpe
 
 
 def _prefill(model, heads, input_ids, attention_mask, cache):
-    """Runs the prompt as ``model.generate`` does; returns the last position's logits ``[B, V]``
-    and the heads' input there."""
+    """Runs the prompt as ``model.generate`` does; returns the last position's logits ``[B, V]``,
+    the heads' input there and the prompt's position ids ``[B, P]``."""
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 0)
     out = model(
         input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
         output_hidden_states=True, **cache_kwarg(model, cache),
     )
-    return out.logits[:, -1], _heads_input(heads, out, None)
+    return out.logits[:, -1], _heads_input(heads, out, None), pos
 
 
 @torch.no_grad()
@@ -516,7 +544,7 @@ def generate(
     cache = DynamicCache()
     steps, accepted = 0, []
     if settings.max_new_tokens > 0:
-        logits, feature = _prefill(model, heads, input_ids, attention_mask, cache)
+        logits, feature, prompt_pos = _prefill(model, heads, input_ids, attention_mask, cache)
         # The first token: a one-node "tree" verified on the prompt's last logits.
         root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
         parents1 = torch.full((1,), -1, dtype=torch.long, device=device)
@@ -526,7 +554,8 @@ def generate(
             uniforms((B, 1)) if settings.do_sample else None,
         )
         state = _State(
-            cache=cache, kv_valid=attention_mask.bool(), next_pos=attention_mask.long().sum(1),
+            cache=cache, kv_valid=attention_mask.bool(), kv_pos=prompt_pos,
+            next_pos=attention_mask.long().sum(1),
             root=first[:, 0], feature=feature,
         )
         output.emit([[t] for t in first[:, 0].tolist()])

@@ -199,6 +199,9 @@ def _backbone_parts(model):
     if eps is None:
         eps = getattr(cfg, "rms_norm_eps", 1e-6)
     norm_w = getattr(norm, "weight", None) if norm is not None else None
+    if norm_w is not None and type(norm).__name__.startswith("Gemma"):
+        # Gemma's RMSNorm scales by (1 + weight).
+        norm_w = (1.0 + norm_w.detach().float()).to(norm_w.dtype)
     return out.weight, norm_w, float(eps), (emb.weight if emb is not None else None)
 
 

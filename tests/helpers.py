@@ -239,3 +239,25 @@ def perturbed_heads(model, kind: str = "conditioned", seed: int = 0, scale: floa
         for p in heads.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return heads
+
+
+def tiny_causal_lm(arch: str, vocab: int = 150, seed: int = 0):
+    """A random-weight tiny causal LM of another supported family: ``"qwen2"`` or ``"gemma3"``
+    (two sliding-window layers of window 24 and one full layer, final logit soft-capping)."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
+    if arch == "qwen2":
+        config, cls = transformers.Qwen2Config(num_hidden_layers=2, **common), transformers.Qwen2ForCausalLM
+    elif arch == "gemma3":
+        config = transformers.Gemma3TextConfig(
+            num_hidden_layers=3, head_dim=12, sliding_window=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            final_logit_softcapping=30.0, **common,
+        )
+        cls = transformers.Gemma3ForCausalLM
+    else:
+        raise ValueError(arch)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(config).eval()

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import perturbed_heads, tiny_llama
+from helpers import perturbed_heads, tiny_causal_lm, tiny_llama
 
 import mtp_ext
 from mtp_ext import reference
@@ -102,6 +102,32 @@ def test_eos_inside_tree_and_padding(model, tree):
                        eos_token_id=eos, pad_token_id=0)
         assert torch.equal(got, want), eos
         assert got.shape[1] < 36 or (got[:, 6:] == eos).any(1).sum() < 3
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_other_architectures(arch, layer):
+    """Qwen2 and Gemma 3 (sliding-window layers: 60 new tokens cross the window of 24, soft-capped
+    logits, (1 + w) final norm) decode like model.generate, in padded batches."""
+    m = tiny_causal_lm(arch)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    heads = perturbed_heads(m, "conditioned", layer=layer)
+    ids, mask = _prompts(3, 7, seed=11, pad_rows=[(0, 3)])
+    want = m.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
+    for tree in (1, 8, "chain"):
+        got = generate(m, ids, heads, attention_mask=mask, max_new_tokens=60, tree=tree)
+        assert torch.equal(got, want), tree
+
+
+def test_gemma_final_norm_is_one_plus_weight():
+    m = tiny_causal_lm("gemma3")
+    with torch.no_grad():
+        m.model.norm.weight.normal_()
+    heads = MTPHeads.for_model(m, 1, kind="resblock", layer=1)
+    x = torch.randn(2, 48)
+    with torch.no_grad():  # a fresh residual head is the identity: logits = lm_head(norm(x))
+        torch.testing.assert_close(heads(x)[:, 0], m.lm_head(m.model.norm(x)), atol=1e-4, rtol=1e-4)
 
 
 def test_reference_backend_gives_same_tokens(model):
