@@ -15,10 +15,14 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.ops:
+        from .demo import run_demo
 
-    run_demo(vocab=args.vocab, batch=args.batch, k=args.k, seed=args.seed)
-    return 0
+        run_demo(vocab=args.vocab, batch=args.batch, k=args.k, seed=args.seed)
+        return 0
+    from .decode_demo import run_decode_demo
+
+    return 0 if run_decode_demo(args.model, args.max_new_tokens) else 1
 
 
 def _assets(args: argparse.Namespace) -> int:
@@ -119,6 +123,15 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
             import random
 
             random.Random(args.seed).shuffle(texts_train)
+        if args.self_generated:
+            from .selfgen import self_generated
+
+            # The model's own continuations go first, so that a token budget keeps them all.
+            texts_train = self_generated(
+                model, tokenizer, texts_train, args.self_generated,
+                new_tokens=args.self_generated_tokens, seed=args.seed,
+                progress=rank == 0 and not args.no_progress,
+            ) + texts_train
     if rank == 0:
         print(f"mtp-ext: loaded model and texts in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
@@ -205,9 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_info = sub.add_parser("info", help="versions, build and the backends of every op")
     p_info.set_defaults(func=_info)
     p_demo = sub.add_parser(
-        "demo", help="run every op on model-sized random inputs, check it, and time it"
+        "demo", help="SmolLM2 with the shipped heads against model.generate (--ops: the op demo)"
     )
-    p_demo.add_argument("--vocab", type=int, default=49152, help="vocabulary size V")
+    p_demo.add_argument("--model", default="smollm2-135m")
+    p_demo.add_argument("--max-new-tokens", type=int, default=96)
+    p_demo.add_argument("--ops", action="store_true",
+                        help="instead: run every op on model-sized random inputs, check and time it")
+    p_demo.add_argument("--vocab", type=int, default=49152, help="vocabulary size V (--ops)")
     p_demo.add_argument("--batch", type=int, default=8, help="batch size B")
     p_demo.add_argument("--k", type=int, default=8, help="intermediate tokens for marginalization")
     p_demo.add_argument("--seed", type=int, default=0)
@@ -226,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a torch file {'train': [N, T] ids, 'validation': [M, T] ids} "
                            "used instead of --texts (no tokenizer needed)")
     p_tr.add_argument("--shuffle-texts", action="store_true", help="shuffle the training items")
+    p_tr.add_argument("--self-generated", type=int, default=0, metavar="N",
+                      help="also train on N greedy continuations by the backbone of prompts cut "
+                           "from the training texts (mtp_ext.selfgen; half in the chat template)")
+    p_tr.add_argument("--self-generated-tokens", type=int, default=224,
+                      help="new tokens per self-generated continuation")
     p_tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p_tr.add_argument("--kind", default="resblock",
                       choices=["resblock", "linear", "conditioned", "transformer"])

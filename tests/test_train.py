@@ -275,3 +275,27 @@ def test_draft_vocab_set_from_data_and_trains(model, data, source):
     assert set(ids.flatten().tolist()) <= set(heads.vocab_ids.tolist())
     with pytest.raises(ValueError, match="draft_vocab_from"):
         _cfg(draft_vocab_from="zipf")
+
+
+def test_self_generated_continuations_are_the_backbones_greedy_text():
+    from mtp_ext.selfgen import self_generated
+
+    model = _tiny_llama()
+    tok = _word_tokenizer()
+    texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(30)) for i in range(12)] + ["w1 w2"]
+    seqs = self_generated(model, tok, texts, 5, new_tokens=9, prompt_tokens=6, batch_size=2,
+                          progress=False)
+    assert len(seqs) == 5
+    for s in seqs:
+        prompt = torch.tensor([s[:6]])
+        eos = tok.eos_token_id
+        want = model.generate(prompt, max_new_tokens=9, do_sample=False, eos_token_id=eos,
+                              pad_token_id=eos)[0].tolist()
+        cut = want[: want.index(eos, 6) + 1] if eos in want[6:] else want
+        assert s == cut
+    tok.chat_template = "{% for m in messages %}w3 {{ m['content'] }} w4{% endfor %}"
+    chat = self_generated(model, tok, texts, 2, new_tokens=4, prompt_tokens=6, chat_fraction=1.0,
+                          progress=False)
+    assert all(s[0] == 3 and len(s) > 8 for s in chat)  # the template's first word opens each
+    with pytest.raises(ValueError, match="hold 6 tokens"):
+        self_generated(model, tok, ["w1 w2"], 1, prompt_tokens=6, progress=False)
