@@ -156,7 +156,9 @@ def _profile_path(key: str) -> Path:
     return Path(cache_dir()) / "tree_profiles" / f"{key}.json"
 
 
-def auto_tree(model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = False) -> DynamicTree:
+def auto_tree(
+    model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = False, progress: bool = False
+) -> DynamicTree:
     """The dynamic tree whose size measured fastest for this model, device, dtype, heads and thread
     count: read from the cache, or profiled on ``input_ids`` (its first row) and cached."""
     key = _profile_key(model, heads)
@@ -164,7 +166,9 @@ def auto_tree(model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = F
     if path.is_file() and not refresh:
         with open(path) as f:
             return TreeProfile(**json.load(f)).tree()
-    profile = profile_tree_sizes(model, heads, input_ids)
+    if progress:
+        print("profiling draft tree sizes (once per model, device, dtype, heads and threads)")
+    profile = profile_tree_sizes(model, heads, input_ids, progress=progress)
     os.makedirs(path.parent, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
