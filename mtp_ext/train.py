@@ -384,9 +384,16 @@ def _topk_hits(heads: MTPHeads, logits: torch.Tensor, targets: torch.Tensor, k: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_positions(N: int, T: int, P: int, gen: torch.Generator):
-    """``P`` positions ``(s, t)`` uniformly among those with a head-1 target (``t + 2 < T``)."""
+def _sample_positions(N: int, T: int, P: int, gen: torch.Generator, whole: bool = False):
+    """``P`` positions ``(s, t)`` uniformly among those with a head-1 target (``t + 2 < T``); with
+    ``whole``, the positions of ``ceil(P / (T - 2))`` random sequences in order (the last one cut
+    to make ``P``): what heads that attend over the sequence (the transformer kind) need, since
+    their cost grows with the distinct sequences of a batch."""
     per = T - 2
+    if whole:
+        n = -(-P // per)
+        seqs = torch.randint(0, N, (n,), generator=gen)
+        return seqs.repeat_interleave(per)[:P], torch.arange(per).repeat(n)[:P]
     flat = torch.randint(0, N * per, (P,), generator=gen)
     return flat // per, flat % per
 
@@ -900,7 +907,8 @@ def _frozen_step(model, heads: MTPHeads, train_ids: torch.Tensor, train_cache: d
     H = heads.config.num_heads
     device = heads.lm_head_weight.device
     N, T = train_ids.shape
-    s, t = _sample_positions(N, T, config.batch_positions, gen)  # the same on every rank
+    whole = heads.config.kind == "transformer"
+    s, t = _sample_positions(N, T, config.batch_positions, gen, whole)  # the same on every rank
     if world > 1:
         mine = _rank_slice(config.batch_positions, rank, world, "batch_positions")
         s, t = s[mine], t[mine]

@@ -299,3 +299,11 @@ def test_self_generated_continuations_are_the_backbones_greedy_text():
     assert all(s[0] == 3 and len(s) > 8 for s in chat)  # the template's first word opens each
     with pytest.raises(ValueError, match="hold 6 tokens"):
         self_generated(model, tok, ["w1 w2"], 1, prompt_tokens=6, progress=False)
+
+
+def test_whole_sequence_sampling():
+    gen = torch.Generator().manual_seed(0)
+    s, t = T._sample_positions(10, 8, 15, gen, whole=True)  # 6 positions per sequence: 3 seqs
+    assert s.shape == t.shape == (15,)
+    assert t.tolist() == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2]
+    assert len(set(s[:6].tolist())) == 1 and len(set(s[6:12].tolist())) == 1
