@@ -185,7 +185,13 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     heads = MTPHeads.from_pretrained(args.heads, model) if args.heads else load_heads(args.model, model)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, tree=args.tree)
+    tree = args.tree
+    if tree is None:
+        from .tree_tuning import auto_tree
+
+        tree = auto_tree(model, heads, ids, progress=True)
+        print(f"[mtp-ext] draft tree: {tree.size} nodes", file=sys.stderr)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, tree=tree)
     if args.do_sample:
         settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         generator=torch.Generator().manual_seed(args.seed))

@@ -261,3 +261,16 @@ def tiny_causal_lm(arch: str, vocab: int = 150, seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return cls(config).eval()
+
+
+def word_tokenizer(vocab: int):
+    """A word-level fast tokenizer built offline: ``"w{i}"`` is id ``i`` for ``i < vocab - 2``,
+    then ``<unk>`` and ``</s>`` (EOS, id ``vocab - 1``)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ids = {f"w{i}": i for i in range(vocab - 2)}
+    ids.update({"<unk>": vocab - 2, "</s>": vocab - 1})
+    tok = Tokenizer(models.WordLevel(ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import perturbed_heads, tiny_causal_lm, tiny_llama
+from helpers import perturbed_heads, tiny_causal_lm, tiny_llama, word_tokenizer
 
 import mtp_ext
 from mtp_ext import reference
@@ -168,6 +168,23 @@ def test_streamer_gets_prompt_then_every_token(model):
     got = generate(model, ids, heads, max_new_tokens=20, tree=8, streamer=Recorder())
     assert pushed[0] == ids[0].tolist() and pushed[-1] == "end"
     assert sum(pushed[1:-1], []) == got[0, 5:].tolist()
+
+
+def test_cli_generate_compare(tmp_path, capsys):
+    from mtp_ext import __main__ as cli
+
+    m = _model()
+    m.save_pretrained(tmp_path / "model")
+    word_tokenizer(VOCAB).save_pretrained(tmp_path / "model")
+    _heads(m).save_pretrained(tmp_path / "heads")
+    rc = cli.main([
+        "generate", "--model", str(tmp_path / "model"), "--heads", str(tmp_path / "heads"),
+        "--prompt", "w1 w2 w3 w4", "--max-new-tokens", "12", "--tree", "6", "--compare",
+        "--no-stream",
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "identical tokens: yes" in out and "12 tokens" in out and "speed-up" in out
 
 
 def test_bad_input_and_unsupported_arguments(model):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import tiny_llama, word_tokenizer
 
 from mtp_ext import train as T
 from mtp_ext.heads import MTPHeads
@@ -197,16 +197,7 @@ def test_joint_mode_warmup_and_lr_groups(data):
 
 
 def _word_tokenizer():
-    """A word-level fast tokenizer over VOCAB ids, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 2)}
-    vocab.update({"<unk>": VOCAB - 2, "</s>": VOCAB - 1})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="</s>"
-    )
+    return word_tokenizer(VOCAB)
 
 
 def test_tokenize_texts_strings_and_ids():
