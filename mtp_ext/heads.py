@@ -760,6 +760,23 @@ class MTPHeads(nn.Module):
             cols.append(torch.cat([shifted, pad], -1)[..., :T])
         return torch.stack(cols, -1)
 
+    def draft_tree(self, hidden_states, root_tokens: torch.Tensor, tree=8):
+        """Draft trees for a batch of rows: :func:`mtp_ext.trees.build_tree` with these heads.
+
+        Args:
+            hidden_states: the heads' input at the position before each root, ``[B, D]`` per
+                element of the backbone's ``hidden_states`` tuple (or one ``[B, D]`` tensor).
+            root_tokens: ``[B]`` int64, the last accepted token of each row.
+            tree: a node count (a :class:`~mtp_ext.trees.DynamicTree`), a
+                :class:`~mtp_ext.trees.StaticTree` or a :class:`~mtp_ext.trees.DynamicTree`.
+        Returns:
+            a :class:`~mtp_ext.trees.DraftTree` (tokens, parents, depths, scores ``[B, T]``).
+        """
+        from .trees import DynamicTree, build_tree
+
+        spec = DynamicTree(tree) if isinstance(tree, int) else tree
+        return build_tree(self, hidden_states, root_tokens, spec)
+
     @torch.no_grad()
     def draft_step(
         self, depth: int, features: torch.Tensor, tokens: torch.Tensor | None, k: int
