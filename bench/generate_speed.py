@@ -179,6 +179,11 @@ def main() -> None:
     heads = (MTPHeads.from_pretrained(args.heads, model) if args.heads
              else mtp_ext.load_heads("smollm2-135m", model))
     ps = prompts(tokenizer, args.per_text, args.prompt_tokens)
+    if tree is None:  # profile (or read the cached profile) before anything is timed
+        from mtp_ext.tree_tuning import auto_tree
+
+        tree = auto_tree(model, heads, ps[0][1], progress=True)
+        args.tree = f"{tree.size} (auto)"
     rows = []
     with torch.no_grad():
         for label, ids in ps:
