@@ -27,6 +27,7 @@ from mtp_ext.heads import MTPHeads
 from mtp_ext.texts import load_text
 
 TEXTS = ("web", "austen", "python", "en-es")
+MTP_KW: dict = {}  # extra arguments of every mtp_ext.generate call (set from the command line)
 
 
 def prompts(tokenizer, per_text: int, length: int) -> list[tuple[str, torch.Tensor]]:
@@ -66,7 +67,7 @@ def bench_prompt(model, heads, ids, new_tokens: int, rounds: int, tree) -> dict:
     fns = {
         "hf": lambda: model.generate(ids, **kw),
         "pld": lambda: model.generate(ids, prompt_lookup_num_tokens=10, **kw),
-        "mtp": lambda: mtp_ext.generate(model, ids, heads, tree=tree, return_dict_in_generate=True, **kw),
+        "mtp": lambda: mtp_ext.generate(model, ids, heads, tree=tree, return_dict_in_generate=True, **MTP_KW, **kw),
     }
     times = {k: [] for k in fns}
     same, steps_tokens = True, []
@@ -104,7 +105,7 @@ def bench_batch(model, heads, batch_ids, new_tokens: int, rounds: int, tree, tok
     for _ in range(rounds):
         ref, dt = timed(lambda: model.generate(ids, **kw))
         th.append(dt)
-        out, dt = timed(lambda: mtp_ext.generate(model, ids, heads, tree=tree, return_dict_in_generate=True, **kw))
+        out, dt = timed(lambda: mtp_ext.generate(model, ids, heads, tree=tree, return_dict_in_generate=True, **MTP_KW, **kw))
         tm.append(dt)
         same &= torch.equal(out.sequences, ref)
         tps.append(out.tokens_per_step)
@@ -120,7 +121,7 @@ def bench_sampling(model, heads, ids, new_tokens: int, rounds: int, tree) -> dic
         ref, dt = timed(lambda: model.generate(ids, **kw))
         th.append(dt / (ref.shape[1] - ids.shape[1]))
         gen = torch.Generator().manual_seed(r)
-        out, dt = timed(lambda: mtp_ext.generate(model, ids, heads, tree=tree, generator=gen, return_dict_in_generate=True, **kw))
+        out, dt = timed(lambda: mtp_ext.generate(model, ids, heads, tree=tree, generator=gen, return_dict_in_generate=True, **MTP_KW, **kw))
         tm.append(dt / int(out.new_tokens.sum()))
         tps.append(out.tokens_per_step)
     return {"settings": "temperature 0.7, top-p 0.9",
@@ -171,9 +172,13 @@ def main() -> None:
     p.add_argument("--per-text", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lookup", type=int, default=None,
+                   help="mtp_ext.generate's prompt_lookup_num_tokens (default: generate's default)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.lookup is not None:
+        MTP_KW["prompt_lookup_num_tokens"] = args.lookup
     tree = int(args.tree) if args.tree and args.tree.isdigit() else args.tree
     model, tokenizer = load_model("smollm2-135m")
     heads = (MTPHeads.from_pretrained(args.heads, model) if args.heads

@@ -37,7 +37,7 @@ from . import reference as _reference_ops
 from .cpu_linear import fast_cpu
 from .hf_compat import cache_kwarg, cache_layers
 from .heads import MTPHeads
-from .trees import DynamicTree, StaticTree, TreeSpec, build_tree, chain
+from .trees import DynamicTree, StaticTree, TreeSpec, add_branch, build_tree, chain, lookup_draft
 
 __all__ = ["generate", "MTPModel", "MTPGenerateOutput", "GenerationSettings"]
 
@@ -64,7 +64,6 @@ _UNSUPPORTED_CONFIG = {
     "begin_suppress_tokens": None,
     "sequence_bias": None,
     "guidance_scale": None,
-    "prompt_lookup_num_tokens": None,
     "num_return_sequences": 1,
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
@@ -302,15 +301,29 @@ def _compact(cache, path: torch.Tensor, num_accepted: torch.Tensor, T: int, keep
             setattr(layer, name, t[..., : prefix + keep, :])
 
 
-def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, ops) -> tuple:
+def _lookup_branch(contexts: list[torch.Tensor] | None, length: int) -> torch.Tensor | None:
+    """``[B, length]`` prompt-lookup drafts (-1 padded), or None when no row has a match."""
+    if not contexts or length <= 0:
+        return None
+    rows = [lookup_draft(c, length) for c in contexts]
+    if all(r is None for r in rows):
+        return None
+    return torch.stack([r if r is not None else c.new_full((length,), -1) for r, c in zip(rows, contexts)])
+
+
+def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, ops,
+          contexts=None, lookup: int = 0) -> tuple:
     """One tree step; returns ``(num_accepted [B], tokens [B, T])`` on the model's device."""
     tree = build_tree(heads, state.feature, state.root, spec)
+    branch = _lookup_branch(contexts, lookup)
+    if branch is not None:
+        tree = add_branch(tree, branch)
     T = tree.size
     dtype = heads.lm_head_weight.dtype
     mask, pos = _tree_mask(state, tree.parents, dtype, ops, _attention_layout(model))
     base = _backbone(model)
     out = base(
-        tree.tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+        tree.tokens.clamp(min=0), attention_mask=mask, position_ids=pos, use_cache=True,
         output_hidden_states=not heads.config.reads_last, **cache_kwarg(base, state.cache),
     )
     hidden = out.last_hidden_state
@@ -477,6 +490,7 @@ def generate(
     generator: torch.Generator | None = None,
     streamer=None,
     return_dict_in_generate: bool = False,
+    prompt_lookup_num_tokens: int | None = 8,
     backend: Any = "kernels",
     **kwargs,
 ):
@@ -499,6 +513,11 @@ def generate(
         streamer: e.g. transformers' ``TextStreamer``; gets the prompt, then the tokens of each
             step as they are accepted, then ``end()``.
         return_dict_in_generate: return an :class:`MTPGenerateOutput` instead of the sequences.
+        prompt_lookup_num_tokens: (transformers' name for it) also draft, as one more branch
+            under the root, the tokens that followed the last earlier occurrence of the
+            context's final 1-3 tokens (prompt-lookup drafting, which pays on repetitive text:
+            quotes, code, translations); added only on steps where some row has a match; 0 or
+            None turns it off.
         backend: ``"kernels"`` (``mtp_ext.ops``), ``"reference"`` (``mtp_ext.reference``) for
             the tree mask, the verification and the cache compaction, or an object with those
             four functions (the heads draft with the kernels either way).
@@ -517,6 +536,9 @@ def generate(
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row")
     ops = _resolve_backend(backend)
+    lookup = int(prompt_lookup_num_tokens or 0)
+    if lookup < 0:
+        raise ValueError(f"prompt_lookup_num_tokens must be >= 0, got {lookup}")
     settings = resolve_settings(
         model, input_ids.shape[1], max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
@@ -561,10 +583,15 @@ def generate(
         output.emit([[t] for t in first[:, 0].tolist()])
         patch = fast_cpu(model) if device.type == "cpu" else None
         try:
+            prompt_rows = [r[m.bool()] for r, m in zip(input_ids.cpu(), attention_mask.cpu())]
             while not output.finished:
                 active = torch.tensor([not d for d in output.done])
+                contexts = None
+                if lookup:
+                    contexts = [torch.cat([p, torch.tensor(r, dtype=torch.long)])
+                                for p, r in zip(prompt_rows, output.rows)]
                 num_acc, tokens, amax, drafted, path = _step(
-                    model, heads, state, spec, settings, uniforms, ops
+                    model, heads, state, spec, settings, uniforms, ops, contexts, lookup
                 )
                 if on_step is not None:
                     on_step(drafted, num_acc, path)

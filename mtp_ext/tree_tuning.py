@@ -86,7 +86,8 @@ def _timed_steps(model, heads, ids: torch.Tensor, tree, steps: int) -> list[floa
 
     stamps: list[float] = []
     generate(model, ids, heads, max_new_tokens=steps + 1, do_sample=False, tree=tree,
-             eos_token_id=[], _on_step=lambda *a: stamps.append(time.perf_counter()))
+             eos_token_id=[], prompt_lookup_num_tokens=0,
+             _on_step=lambda *a: stamps.append(time.perf_counter()))
     return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
 
 
@@ -124,7 +125,7 @@ def profile_tree_sizes(
         counts.append(_accepted_by_size(tree, num_acc, path, sizes).cpu())
 
     generate(model, ids, heads, max_new_tokens=new_tokens, do_sample=False, tree=largest,
-             eos_token_id=[], _on_step=observe)
+             eos_token_id=[], prompt_lookup_num_tokens=0, _on_step=observe)
     acc = torch.cat(counts, 1).double().mean(1) if counts else torch.zeros(len(sizes))
     step_ms = []
     for i, t in enumerate(sizes):

@@ -29,7 +29,10 @@ import torch
 
 from .heads import MTPHeads
 
-__all__ = ["DraftTree", "StaticTree", "DynamicTree", "chain", "build_tree", "TreeSpec"]
+__all__ = [
+    "DraftTree", "StaticTree", "DynamicTree", "chain", "build_tree", "TreeSpec", "lookup_draft",
+    "add_branch",
+]
 
 
 @dataclasses.dataclass
@@ -246,3 +249,44 @@ def build_tree(
     if isinstance(spec, DynamicTree):
         return _build_dynamic(heads, x, root_tokens, spec)
     raise TypeError(f"spec must be a StaticTree or DynamicTree, got {type(spec).__name__}")
+
+
+def lookup_draft(context: torch.Tensor, length: int, max_ngram: int = 3) -> torch.Tensor | None:
+    """Prompt-lookup drafting for one row: the ``length`` tokens that followed the most recent
+    earlier occurrence of the context's last ``n``-gram (``n = max_ngram .. 1``, longest first).
+
+    Args:
+        context: ``[L]`` int64, the row's tokens so far (prompt and generated; the last one is the
+            root of the next tree).
+    Returns:
+        ``[length]`` int64 (-1 where the context ends first), or None without a match.
+    """
+    L = context.numel()
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        windows = context.unfold(0, n, 1)[:-1]  # every earlier n-gram, by start
+        hits = (windows == context[L - n :]).all(1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            follow = context[start : start + length]
+            out = context.new_full((length,), -1)
+            out[: follow.numel()] = follow
+            return out
+    return None
+
+
+def add_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
+    """``tree`` with a chain of ``K`` more nodes under each row's root: ``branch [B, K]`` int64
+    (e.g. :func:`lookup_draft` rows; -1 entries never match the target, and a chain stops
+    being accepted there). The branch's scores are 0 (it is not a head draft)."""
+    B, T = tree.tokens.shape
+    K = branch.shape[1]
+    dev = tree.tokens.device
+    par = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
+                     torch.arange(T, T + K - 1, dtype=torch.long, device=dev)])
+    depth = torch.arange(1, K + 1, dtype=torch.long, device=dev)
+    return DraftTree(
+        torch.cat([tree.tokens, branch.to(dev)], 1),
+        torch.cat([tree.parents, par.expand(B, K)], 1),
+        torch.cat([tree.depths, depth.expand(B, K)], 1),
+        torch.cat([tree.scores, tree.scores.new_zeros(B, K)], 1),
+    )

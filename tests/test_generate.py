@@ -60,12 +60,13 @@ def test_greedy_batch1_equals_model_generate(model, kind, tree):
     heads = _heads(model, kind)
     ids, _ = _prompts(1, 7, seed=1)
     want = model.generate(ids, max_new_tokens=48, do_sample=False)
-    out = generate(model, ids, heads, max_new_tokens=48, do_sample=False, tree=tree,
-                   return_dict_in_generate=True)
-    assert torch.equal(out.sequences, want)
-    assert int(out.new_tokens.sum()) == 48
-    if tree == 1:
-        assert out.steps == 47 and out.tokens_per_step == 1.0
+    for lookup in (0, 8):
+        out = generate(model, ids, heads, max_new_tokens=48, do_sample=False, tree=tree,
+                       prompt_lookup_num_tokens=lookup, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, want), lookup
+        assert int(out.new_tokens.sum()) == 48
+        if tree == 1 and lookup == 0:
+            assert out.steps == 47 and out.tokens_per_step == 1.0
 
 
 def test_trees_accept_drafts_when_heads_agree(model):
@@ -185,6 +186,32 @@ def test_cli_generate_compare(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "identical tokens: yes" in out and "12 tokens" in out and "speed-up" in out
+
+
+def test_prompt_lookup_branch():
+    from mtp_ext.trees import add_branch, build_tree, lookup_draft
+
+    ctx = torch.tensor([5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 6, 7])
+    assert lookup_draft(ctx, 3).tolist() == [1, 2, 6]  # "6 7" last seen before at 6..7 -> 1 2 6
+    assert lookup_draft(torch.tensor([1, 2, 3]), 2) is None
+    assert lookup_draft(torch.tensor([4, 9, 4]), 3).tolist() == [9, 4, -1]  # context ends first
+    tree = build_tree(_heads(_model()), torch.randn(2, 48), torch.tensor([3, 4]), DynamicTree(4, 2))
+    big = add_branch(tree, torch.tensor([[1, 2, -1], [7, 8, 9]]))
+    assert big.parents[0].tolist()[4:] == [0, 4, 5] and big.depths[1].tolist()[4:] == [1, 2, 3]
+
+
+def test_lookup_pays_on_repetitive_text(model):
+    """A prompt that repeats: the lookup branch is accepted, output still equals generate."""
+    heads = _heads(model)
+    ids, _ = _prompts(1, 6, seed=12)
+    ids = ids.repeat(1, 4)
+    want = model.generate(ids, max_new_tokens=40, do_sample=False)
+    plain = generate(model, ids, heads, max_new_tokens=40, tree=1, prompt_lookup_num_tokens=0,
+                     return_dict_in_generate=True)
+    look = generate(model, ids, heads, max_new_tokens=40, tree=1, prompt_lookup_num_tokens=8,
+                    return_dict_in_generate=True)
+    assert torch.equal(plain.sequences, want) and torch.equal(look.sequences, want)
+    assert look.steps < plain.steps
 
 
 def test_bad_input_and_unsupported_arguments(model):
