@@ -330,3 +330,18 @@ def test_sampling_is_lossless_in_distribution(sampling_setup, settings):
     for lossy in (_lossy_uniforms(), _lossy_root_logits()):
         bad = _tv(_empirical(model, heads, prompt, n, lossy, **settings), exact)
         assert bad > bound, (bad, bound)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_512_tokens_every_architecture_and_tree(arch):
+    """Long generations on tiny models of each supported architecture, for every tree shape."""
+    m = _model() if arch == "llama" else tiny_causal_lm(arch, vocab=VOCAB)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    heads = perturbed_heads(m, "conditioned")
+    ids, mask = _prompts(2, 9, seed=21, pad_rows=[(1, 4)])
+    want = m.generate(ids, attention_mask=mask, max_new_tokens=512, do_sample=False)
+    for tree in TREES:
+        got = generate(m, ids, heads, attention_mask=mask, max_new_tokens=512, tree=tree)
+        assert torch.equal(got, want), tree
