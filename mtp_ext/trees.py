@@ -80,6 +80,28 @@ class StaticTree:
         self.depths = torch.tensor([0] + [len(p) for p in norm], dtype=torch.long)
         self.ranks = torch.tensor([0] + [p[-1] for p in norm], dtype=torch.long)
 
+        # Per depth, computed once on the host (no device synchronization while drafting):
+        # (children, their parents, the parents sorted and unique, each child's parent's slot in
+        # that list, the children's ranks, the number of children to draft per parent).
+        self._levels = []
+        for d in range(1, self.max_depth + 1):
+            children = torch.nonzero(self.depths == d).flatten()
+            par = self.parents[children]
+            expanded = torch.unique(par)
+            slot = torch.searchsorted(expanded, par)
+            r = self.ranks[children]
+            self._levels.append((children, par, expanded, slot, r, int(r.max()) + 1))
+        self._device_levels: dict = {}
+
+    def levels(self, device: torch.device) -> list:
+        """The per-depth index tensors on ``device`` (cached per device)."""
+        key = str(device)
+        if key not in self._device_levels:
+            self._device_levels[key] = [
+                tuple(t.to(device) for t in lvl[:5]) + (lvl[5],) for lvl in self._levels
+            ]
+        return self._device_levels[key]
+
     @property
     def size(self) -> int:
         return len(self.paths) + 1
@@ -135,7 +157,6 @@ def _build_static(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: St
     dev = x.device
     parents = spec.parents.to(dev)
     depths = spec.depths.to(dev)
-    ranks = spec.ranks.to(dev)
     tokens = torch.empty(B, T, dtype=torch.long, device=dev)
     scores = torch.zeros(B, T, dtype=torch.float32, device=dev)
     tokens[:, 0] = root
@@ -145,14 +166,8 @@ def _build_static(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: St
     H = heads.config.num_heads
     if spec.max_depth > H:
         raise ValueError(f"the tree is {spec.max_depth} deep but the heads draft only {H} tokens")
-    for d in range(1, spec.max_depth + 1):
-        children = torch.nonzero(depths == d).flatten()
-        par = parents[children]
-        expanded = torch.unique(par)  # sorted node indices at depth d - 1
-        k = int(ranks[children].max()) + 1
+    for d, (children, par, expanded, slot, r, k) in enumerate(spec.levels(dev), start=1):
         f, lp, ids = _expand(heads, d, in_feat[:, expanded], tokens[:, expanded], k)
-        slot = torch.searchsorted(expanded, par)  # position of each child's parent in `expanded`
-        r = ranks[children]
         tokens[:, children] = ids[:, slot, r]
         scores[:, children] = scores[:, par] + lp[:, slot, r]
         in_feat[:, children] = f[:, slot]
@@ -214,8 +229,8 @@ def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: D
     new_index.scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
     old_par = par.gather(1, order)
     parents = torch.where(old_par < 0, old_par, new_index.gather(1, old_par.clamp(min=0)))
-    if bool((parents[:, 1:] < 0).any()):  # cannot happen: scores never rise along a path
-        raise RuntimeError("dynamic tree lost an ancestor of a kept node")
+    # Every kept node's parent is kept (scores never rise along a path, and ties go to the
+    # shallower node), so no parent index is -1 past the root: tests check it (no device sync).
     return DraftTree(tok.gather(1, order), parents, depth.gather(1, order), score.gather(1, order))
 
 
