@@ -130,6 +130,7 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
             texts_train = self_generated(
                 model, tokenizer, texts_train, args.self_generated,
                 new_tokens=args.self_generated_tokens, seed=args.seed,
+                chat_fraction=args.self_generated_chat,
                 progress=rank == 0 and not args.no_progress,
             ) + texts_train
     if rank == 0:
@@ -139,6 +140,9 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
         model, num_heads=args.num_heads, kind=args.kind, layer=args.layer,
         whs_per_channel=args.whs_per_channel, draft_vocab_size=args.draft_vocab,
     )
+    if args.init_heads:
+        # Start from trained heads (their kind, layer and vocabulary replace the flags above).
+        heads = MTPHeads.from_pretrained(args.init_heads, model)
     config = TrainConfig(
         steps=args.steps, seq_len=args.seq_len, target=args.target,
         batch_positions=args.batch_positions, lr=args.lr, weight_decay=args.weight_decay,
@@ -148,7 +152,8 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=args.out,
         resume=not args.no_resume, progress=not args.no_progress, joint=args.joint,
         joint_seqs=args.joint_seqs, mtp_lambda=args.mtp_lambda, backbone_lr=args.backbone_lr,
-        head_warmup_steps=args.head_warmup_steps, draft_vocab_from=args.draft_vocab_from,
+        head_warmup_steps=args.head_warmup_steps,
+        draft_vocab_from="keep" if args.init_heads else args.draft_vocab_from,
     )
     result = train_heads(model, tokenizer, heads, texts_train, texts_val, config)
     if rank != 0:  # rank 0 writes the summary (train_heads wrote the rest)
@@ -254,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "from the training texts (mtp_ext.selfgen; half in the chat template)")
     p_tr.add_argument("--self-generated-tokens", type=int, default=224,
                       help="new tokens per self-generated continuation")
+    p_tr.add_argument("--self-generated-chat", type=float, default=0.5,
+                      help="share of self-generated prompts wrapped in the chat template")
+    p_tr.add_argument("--init-heads", default=None,
+                      help="start from these trained heads (a save_pretrained folder)")
     p_tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p_tr.add_argument("--kind", default="resblock",
                       choices=["resblock", "linear", "conditioned", "transformer"])

@@ -298,3 +298,24 @@ def test_whole_sequence_sampling():
     assert s.shape == t.shape == (15,)
     assert t.tolist() == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2]
     assert len(set(s[:6].tolist())) == 1 and len(set(s[6:12].tolist())) == 1
+
+
+def test_cli_init_heads_continues_from_saved_heads(tmp_path, data):
+    from mtp_ext import __main__ as cli
+
+    model = _tiny_llama()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    _word_tokenizer().save_pretrained(folder)
+    tr, va = data
+    torch.save({"train": tr, "validation": va}, tmp_path / "toks.pt")
+    start = MTPHeads.for_model(model, num_heads=2, kind="conditioned", draft_vocab_size=40)
+    start.set_draft_vocab(torch.arange(100, 140))
+    start.save_pretrained(tmp_path / "start")
+    common = ["train-heads", "--model", str(folder), "--tokens", str(tmp_path / "toks.pt"),
+              "--seq-len", str(SEQ), "--batch-positions", "64", "--no-progress"]
+    assert cli.main(common + ["--init-heads", str(tmp_path / "start"), "--steps", "3",
+                              "--out", str(tmp_path / "out")]) == 0
+    heads = MTPHeads.from_pretrained(tmp_path / "out" / "heads", model)
+    assert heads.config.kind == "conditioned" and heads.config.num_heads == 2
+    assert heads.vocab_ids.tolist() == list(range(100, 140))  # kept, not re-chosen
