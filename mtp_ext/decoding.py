@@ -240,8 +240,10 @@ def _heads_input(heads: MTPHeads, out, index: torch.Tensor | None):
 @dataclasses.dataclass
 class _State:
     """Per-call decoding state. ``kv_valid [B, S]`` bool: which cache slots each row may attend
-    to; ``kv_pos [B, S]`` int64: the position id of each slot (for sliding windows); ``next_pos [B]``: the position id of each row's root; ``root [B]``: the last accepted
-    token; ``feature``: the heads' input at the position before the root."""
+    to; ``kv_pos [B, S]`` int64: the position id of each slot (for sliding windows);
+    ``next_pos [B]``: the position id of each row's root; ``root [B]``: the last accepted
+    token; ``feature``: the heads' input at the position before the root; ``window``: the
+    model's sliding window (None without sliding-attention layers), read once per call."""
 
     cache: Any
     kv_valid: torch.Tensor
@@ -249,6 +251,7 @@ class _State:
     next_pos: torch.Tensor
     root: torch.Tensor
     feature: Any
+    window: int | None
 
 
 def _attention_layout(model) -> int | None:
@@ -267,7 +270,7 @@ def _attention_layout(model) -> int | None:
     return None
 
 
-def _tree_mask(state: _State, parents: torch.Tensor, dtype, ops, window: int | None):
+def _tree_mask(state: _State, parents: torch.Tensor, dtype, ops):
     """The attention mask for a tree over the cache and the nodes' position ids ``[B, T]``:
     ``[B, 1, T, S + T]`` additive, or, for models with sliding-window layers,
     ``{"full_attention": ..., "sliding_attention": ...}`` (keys at least ``window`` positions
@@ -281,6 +284,7 @@ def _tree_mask(state: _State, parents: torch.Tensor, dtype, ops, window: int | N
     prefix = torch.zeros(B, S, dtype=dtype, device=kv_valid.device)
     prefix.masked_fill_(~kv_valid, neg)
     full = torch.cat([prefix[:, None, :].expand(B, T, S), tree_mask], -1)[:, None]
+    window = state.window
     if window is None:
         return full, pos
     # Tree nodes are at most T - 1 positions apart: only cache slots can fall out of the window.
@@ -320,7 +324,7 @@ def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, op
         tree = add_branch(tree, branch)
     T = tree.size
     dtype = heads.lm_head_weight.dtype
-    mask, pos = _tree_mask(state, tree.parents, dtype, ops, _attention_layout(model))
+    mask, pos = _tree_mask(state, tree.parents, dtype, ops)
     base = _backbone(model)
     out = base(
         tree.tokens.clamp(min=0), attention_mask=mask, position_ids=pos, use_cache=True,
@@ -578,7 +582,7 @@ def generate(
         state = _State(
             cache=cache, kv_valid=attention_mask.bool(), kv_pos=prompt_pos,
             next_pos=attention_mask.long().sum(1),
-            root=first[:, 0], feature=feature,
+            root=first[:, 0], feature=feature, window=_attention_layout(model),
         )
         output.emit([[t] for t in first[:, 0].tolist()])
         patch = fast_cpu(model) if device.type == "cpu" else None

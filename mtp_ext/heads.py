@@ -814,19 +814,19 @@ class MTPHeads(nn.Module):
         eps = self.config.rms_norm_eps
         h = depth - 1
         kind = self.config.kind
-        if kind == "conditioned":
-            self._check_tokens(tokens, f.shape[:1], allow_per_head=False)
-            f = self._cond_feature(h, f, tokens)
-            w, b = f.new_zeros(1, D, D), None
-        elif kind == "resblock":
-            w, b = self.weight[h : h + 1], self.bias[h : h + 1]
-        else:  # linear
-            z = f @ self.weight[h].T
+        if kind == "resblock":  # the fused op runs the residual block itself
+            z, w, b = f, self.weight[h : h + 1], self.bias[h : h + 1]
+        else:
+            # The head's output is computed here; a zero residual block leaves the fused op the
+            # norm, the unembedding and the top-k.
+            if kind == "conditioned":
+                self._check_tokens(tokens, f.shape[:1], allow_per_head=False)
+                z = features = self._cond_feature(h, f, tokens)
+            else:  # linear
+                z = f @ self.weight[h].T
             w, b = z.new_zeros(1, D, D), None
-            lp, ids = ops.fused_mtp_heads(z, w, b, self._table(), k, norm_w, eps, self.vocab_ids)
-            return features, lp[:, 0], ids[:, 0]
-        lp, ids = ops.fused_mtp_heads(f, w, b, self._table(), k, norm_w, eps, self.vocab_ids)
-        return (f if kind == "conditioned" else features), lp[:, 0], ids[:, 0]
+        lp, ids = ops.fused_mtp_heads(z, w, b, self._table(), k, norm_w, eps, self.vocab_ids)
+        return features, lp[:, 0], ids[:, 0]
 
     @torch.no_grad()
     def draft(
@@ -884,18 +884,12 @@ class MTPHeads(nn.Module):
             tok = next_tokens.reshape(-1)
             f = flat
             lps, idss = [], []
-            for h in range(H):
-                f = self._cond_feature(h, f, tok)
-                # The head's features are already computed: feed them through a zero residual
-                # block so that the fused op only does the norm, unembedding and top-k.
-                zero_w = f.new_zeros(1, D, D)
-                lp_h, ids_h = ops.fused_mtp_heads(
-                    f, zero_w, None, table, k, norm_w, eps, self.vocab_ids
-                )
+            for depth in range(1, H + 1):  # each depth chains on the previous one's top-1
+                f, lp_h, ids_h = self.draft_step(depth, f, tok, k)
                 lps.append(lp_h)
                 idss.append(ids_h)
-                tok = ids_h[:, 0, 0]
-            lp, ids = torch.cat(lps, 1), torch.cat(idss, 1)
+                tok = ids_h[:, 0]
+            lp, ids = torch.stack(lps, 1), torch.stack(idss, 1)
         return lp.reshape(*lead, H, k), ids.reshape(*lead, H, k)
 
     def _topk_logprobs(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

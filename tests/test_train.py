@@ -210,15 +210,22 @@ def test_tokenize_texts_strings_and_ids():
         T.tokenize_texts([[1, 2]], None, 4)
 
 
-def test_cli_parses_and_trains_on_tiny_folder(tmp_path, data, monkeypatch):
-    from mtp_ext import __main__ as cli
-
+def _cli_inputs(tmp_path, data):
+    """A tiny model folder (with a tokenizer) and a token file for the CLI: ``(model, folder,
+    token file)``."""
     model = _tiny_llama()
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
     _word_tokenizer().save_pretrained(folder)
     tr, va = data
     torch.save({"train": tr, "validation": va}, tmp_path / "toks.pt")
+    return model, folder, tmp_path / "toks.pt"
+
+
+def test_cli_parses_and_trains_on_tiny_folder(tmp_path, data, monkeypatch):
+    from mtp_ext import __main__ as cli
+
+    model, folder, _ = _cli_inputs(tmp_path, data)
     out = tmp_path / "out"
     rc = cli.main([
         "train-heads", "--model", str(folder), "--tokens", str(tmp_path / "toks.pt"),
@@ -303,12 +310,7 @@ def test_whole_sequence_sampling():
 def test_cli_init_heads_continues_from_saved_heads(tmp_path, data):
     from mtp_ext import __main__ as cli
 
-    model = _tiny_llama()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    _word_tokenizer().save_pretrained(folder)
-    tr, va = data
-    torch.save({"train": tr, "validation": va}, tmp_path / "toks.pt")
+    model, folder, _ = _cli_inputs(tmp_path, data)
     start = MTPHeads.for_model(model, num_heads=2, kind="conditioned", draft_vocab_size=40)
     start.set_draft_vocab(torch.arange(100, 140))
     start.save_pretrained(tmp_path / "start")

@@ -153,14 +153,10 @@ def test_scaled_shares_sum_to_the_global_loss_and_gradient(kl):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A saved tiny Llama + word tokenizer folder and pre-tokenized data for the CLI."""
-    from test_train import _word_tokenizer
+    from test_train import _cli_inputs
 
-    root = tmp_path_factory.mktemp("dist")
-    folder = root / "tiny"
-    tiny_llama(VOCAB, HIDDEN, 64, LAYERS, 0).save_pretrained(folder)
-    _word_tokenizer().save_pretrained(folder)
-    toks = root / "toks.pt"
-    torch.save({"train": _cycle_texts(24, seed=1), "validation": _cycle_texts(4, seed=2)}, toks)
+    data = (_cycle_texts(24, seed=1), _cycle_texts(4, seed=2))
+    _, folder, toks = _cli_inputs(tmp_path_factory.mktemp("dist"), data)
     return folder, toks
 
 
