@@ -73,8 +73,6 @@ from .reference import stable_topk
 __all__ = ["MTPHeadsConfig", "MTPHeads", "TransformerDraftState", "KINDS"]
 
 KINDS = ("resblock", "linear", "conditioned", "transformer")
-_NOT_IMPLEMENTED_KINDS: tuple[str, ...] = ()
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "heads.safetensors"
 
@@ -113,10 +111,6 @@ class MTPHeadsConfig:
     rms_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.kind in _NOT_IMPLEMENTED_KINDS:
-            raise NotImplementedError(
-                f"MTPHeads kind {self.kind!r} is not implemented yet; available: {list(KINDS)}"
-            )
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if int(self.num_heads) < 1:
