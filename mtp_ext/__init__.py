@@ -34,6 +34,8 @@ _LAZY = {
     "generate": ("decoding", "generate"),
     "MTPModel": ("decoding", "MTPModel"),
     "load_heads": ("shipped", "load_heads"),
+    "evaluation": ("evaluation", None),
+    "evaluate": ("evaluation", "evaluate"),
 }
 
 
@@ -69,5 +71,7 @@ __all__ = [
     "generate",
     "MTPModel",
     "load_heads",
+    "evaluation",
+    "evaluate",
     "__version__",
 ]

@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run model.generate and report both speeds and equality")
     p_gen.add_argument("--no-stream", action="store_true", help="print the text at the end")
     p_gen.set_defaults(func=_generate)
+    from .evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

@@ -69,6 +69,7 @@ from .heads import MTPHeads
 
 __all__ = [
     "TrainConfig", "train_heads", "tokenize_texts", "build_cache", "evaluate", "frequent_tokens",
+    "select_layer",
 ]
 
 TARGETS = ("text", "greedy", "kl")
@@ -286,6 +287,19 @@ def build_cache(
         torch.save(cache, path + ".tmp")
         os.replace(path + ".tmp", path)
     return cache
+
+
+def select_layer(cache: dict, layer: int) -> dict:
+    """A single-layer view of an all-layer cache (one built for ``layer="whs"`` heads, ``feat``
+    ``[L + 1, N, T, D]``): the cache that heads reading hidden state ``layer`` would have built."""
+    feat = cache["feat"]
+    if feat.dim() != 4:
+        raise ValueError(f"select_layer needs an all-layer cache (feat [L + 1, N, T, D]), got "
+                         f"feat of shape {list(feat.shape)}")
+    out = {"ids": cache["ids"], "greedy": cache["greedy"], "feat": feat[layer]}
+    if "last" in cache:
+        out["last"] = cache["last"]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,6 +766,8 @@ def train_heads(
     texts_train,
     texts_val,
     config: TrainConfig | None = None,
+    train_cache: dict | None = None,
+    val_cache: dict | None = None,
 ) -> dict:
     """Trains ``heads`` on ``model``'s hidden states (see the module docstring).
 
@@ -761,6 +777,9 @@ def train_heads(
         heads: an :class:`MTPHeads` built for ``model`` (trained in place).
         texts_train, texts_val: strings, or pre-tokenized (see :func:`tokenize_texts`).
         config: a :class:`TrainConfig`.
+        train_cache, val_cache: frozen mode only: caches already built for these heads' input
+            (for example :func:`select_layer` of one all-layer cache shared by heads at several
+            layers); built from the texts when None.
     Returns:
         ``{"history": {"step", "loss", "lr"}, "evals": [...], "final": {...}, "timing": {...}}``.
 
@@ -810,16 +829,20 @@ def train_heads(
     _check_same_step(step, world, device)
 
     # Caches (frozen mode): train once, validation once.
-    train_cache = None
     t0 = time.perf_counter()
-    if not config.joint and config.cache_hidden:
+    if config.joint and (train_cache is not None or val_cache is not None):
+        raise ValueError("train_cache and val_cache are for frozen mode; joint mode recomputes")
+    if train_cache is not None:
+        train_ids = train_cache["ids"]
+    elif not config.joint and config.cache_hidden:
         train_cache = _shared_cache(model, heads, train_ids, config, "train", rank, world)
     timing["cache_train_s"] = time.perf_counter() - t0
     if step == 0:  # a resumed run keeps the vocabulary its checkpoint holds
         _set_draft_vocab(heads, train_ids, train_cache, config)
     t0 = time.perf_counter()
-    val_cache = None
-    if not config.joint:
+    if val_cache is not None:
+        val_ids = val_cache["ids"]
+    elif not config.joint:
         val_cache = _shared_cache(model, heads, val_ids, config, "val", rank, world)
     timing["cache_val_s"] = time.perf_counter() - t0
     if world > 1:  # every rank starts from rank 0's parameters

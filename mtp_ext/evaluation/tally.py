@@ -1,0 +1,76 @@
+"""Running sums of per-position metrics, turned into the harness's records at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import torch
+
+__all__ = ["Key", "Tally", "hits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """What a metric measures: a method (with its ``k`` and ``layer`` where they apply) predicting
+    the token ``offset`` positions after the last one it sees."""
+
+    method: str
+    offset: int
+    k: int | None = None
+    layer: int | str | None = None
+
+
+def hits(top_ids: torch.Tensor, target: torch.Tensor, m: int) -> torch.Tensor:
+    """``[P]`` float64: 1 where ``target[P]`` is among the first ``m`` columns of ``top_ids[P, >=m]``."""
+    return (top_ids[:, :m] == target[:, None]).any(-1).double()
+
+
+class Tally:
+    """Sums and counts per ``(Key, metric)``, plus the tokens the model evaluated per ``Key``."""
+
+    def __init__(self):
+        self._sum: dict[tuple[Key, str], float] = defaultdict(float)
+        self._count: dict[tuple[Key, str], int] = defaultdict(int)
+        self._tokens: dict[Key, int] = defaultdict(int)
+
+    def add(self, key: Key, metric: str, values: torch.Tensor) -> None:
+        """Adds per-position values ``[P]`` of ``metric`` (non-finite values are an error)."""
+        values = values.detach().double().flatten().cpu()
+        if values.numel() == 0:
+            return
+        if not bool(torch.isfinite(values).all()):
+            raise FloatingPointError(f"non-finite {metric} for {key}")
+        self._sum[(key, metric)] += float(values.sum())
+        self._count[(key, metric)] += values.numel()
+
+    def cost(self, key: Key, tokens: int) -> None:
+        """Counts ``tokens`` more tokens evaluated by the model for ``key``."""
+        self._tokens[key] += int(tokens)
+
+    def records(self, **base) -> list[dict]:
+        """One record per ``(Key, metric)``: ``base`` fields plus ``method, k, layer, offset,
+        metric, value`` (the mean), ``positions`` and ``model_tokens``."""
+        out = []
+        for (key, metric), total in sorted(self._sum.items(), key=lambda kv: _order(kv[0])):
+            n = self._count[(key, metric)]
+            out.append(
+                {
+                    **base,
+                    "method": key.method,
+                    "k": key.k,
+                    "layer": key.layer,
+                    "offset": key.offset,
+                    "metric": metric,
+                    "value": total / n,
+                    "positions": n,
+                    "model_tokens": self._tokens.get(key, 0),
+                }
+            )
+        return out
+
+
+def _order(item: tuple[Key, str]):
+    key, metric = item
+    layer = key.layer if isinstance(key.layer, int) else -1 if key.layer is None else 10**6
+    return (key.method, key.offset, key.k or 0, layer, metric)
