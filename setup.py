@@ -1,7 +1,8 @@
 """Build script of the mtp_ext extension.
 
-The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built when the installed torch
-is a CUDA build and CUDA_HOME (or nvcc) is found; a GPU is not needed to build them. Environment:
+The CPU kernels are always built. The CUDA kernels (csrc/kernels/*.cu and their launchers in csrc/cuda)
+are built when the installed torch is a CUDA build and CUDA_HOME (or nvcc) is found; a GPU is not
+needed to build them. Environment:
 
 * ``MTP_EXT_CPU_FLAGS``: extra compiler flags for the CPU kernels. By default the AVX2/FMA/F16C
   instruction sets are enabled when the building machine has them (``-mavx2 -mfma -mf16c``, plus
@@ -61,7 +62,13 @@ def extensions():
     )
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", *host_cpu_flags()]
     link = ["-fopenmp"]
-    cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    # CUDA: the torch-free kernels (csrc/kernels/*.cu, nvcc) and their launchers (csrc/cuda/*.cpp,
+    # the host compiler with torch's headers).
+    cuda_sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu"))
+        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+        + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+    )
     if build_cuda() and cuda_sources:
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DMTP_EXT_WITH_CUDA"]
         return [

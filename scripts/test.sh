@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup.sh), builds and runs the torch-free kernel unit tests with CMake
 # (compiling the CUDA kernels too when nvcc is present), runs the test suite, then the benchmark
-# suite's correctness checks on small shapes. Extra arguments go to the test-suite pytest, e.g. `-m slow` or `-k verify`.
+# suite's correctness checks on small shapes, then, when nvcc is present, the CUDA build step
+# (scripts/build_cuda.sh: the full extension against a CUDA build of torch, import, no-GPU tests).
+# Extra arguments go to the test-suite pytest, e.g. `-m slow` or `-k verify`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,3 +14,9 @@ ctest --test-dir build/cmake --output-on-failure
 .venv/bin/python -m pytest tests "$@"
 # Benchmark smoke run: every benchmark's correctness check on small shapes, without timing.
 .venv/bin/python -m pytest bench --bench-small --bench-no-compile --benchmark-disable -q
+# The CUDA extension: built and imported on any machine with nvcc, GPU or not.
+if command -v nvcc > /dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  bash scripts/build_cuda.sh
+else
+  echo "test.sh: nvcc not found: the CUDA build step (scripts/build_cuda.sh) is SKIPPED"
+fi

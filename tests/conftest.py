@@ -9,6 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any test file
+# The CUDA launchers skip the argument checks that must read device data (a host sync) unless this
+# is set; the bad-input tests expect those checks on every device.
+os.environ.setdefault("MTP_EXT_CUDA_VALUE_CHECKS", "1")
 
 import mtp_ext  # noqa: F401  (registers torch.ops.mtp_ext before any test is collected)
 

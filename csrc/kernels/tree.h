@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common.h"
+
 namespace mtp_ext {
 namespace kernels {
 
@@ -21,8 +23,9 @@ inline int64_t first_invalid_parent(const int64_t* parents, int64_t num_nodes) {
 // current node, until there is none. target_of(node) gives the target token of a node; it is called
 // only for the nodes on the accepted path. Writes tokens[0..accepted] (accepted draft tokens, then
 // the bonus token) and path[0..accepted]; the rest of both rows is set to -1. Returns accepted.
+// Host and device code (the CUDA walk runs this same function).
 template <typename TargetFn>
-int64_t walk_tree(const int64_t* draft, const int64_t* parents, int64_t num_nodes,
+MTP_HD int64_t walk_tree(const int64_t* draft, const int64_t* parents, int64_t num_nodes,
                   TargetFn&& target_of, int64_t* tokens, int64_t* path) {
   for (int64_t i = 0; i < num_nodes; ++i) tokens[i] = path[i] = -1;
   if (num_nodes == 0) return 0;

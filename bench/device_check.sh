@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU check: the first thing to run on a machine with a GPU. From the repository root:
+#
+#   bash bench/device_check.sh
+#
+# 1. builds the extension from source, in place, with this machine's torch and nvcc
+#    (TORCH_CUDA_ARCH_LIST defaults to 9.0 for H100/H200; set it for another card);
+# 2. runs the CUDA tests: tests/test_cuda_kernels.py, tests/test_cuda_build.py and every
+#    device-parametrized test's CUDA variant (-k cuda), with MTP_EXT_CUDA_VALUE_CHECKS=1 so the
+#    bad-input tests see the value checks that synchronize;
+# 3. runs bench/cuda_ops.py (kernel vs reference vs torch.compile(reference), bytes, GB/s, fraction
+#    of the measured copy bandwidth) and writes cuda_ops.json and cuda_ops.md.
+#
+# Everything it writes goes to $OUT (default: bench/results/gpu-latest): the build and test logs,
+# nvidia-smi's view of the card and the benchmark table. It needs no network. Budget: about 8
+# minutes (each step has a time limit); it exits non-zero when a step fails, after running the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu-latest}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+status=0
+start=$SECONDS
+step() { echo "== device_check: $* ($((SECONDS - start)) s)"; }
+
+step "machine"
+{
+  nvidia-smi || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+  command -v nvcc && nvcc --version | tail -2
+} 2>&1 | tee "$OUT/machine.txt"
+
+step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+rm -f mtp_ext/_C*.so
+if ! timeout 240 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"
+  echo "device_check: the build failed (log: $OUT/build.log)"
+  exit 1
+fi
+grep -E -A3 "(warning|error)( #[0-9A-Za-z-]+)?:" "$OUT/build.log" | head -40 || true
+"$PY" - <<'PYEOF' || exit 1
+import torch
+import mtp_ext  # noqa: F401
+assert torch._C._dispatch_has_kernel_for_dispatch_key("mtp_ext::softmax_topk", "CUDA"), \
+    "the extension was built without its CUDA kernels"
+print("device_check: built with CUDA kernels; GPU:", torch.cuda.get_device_name())
+PYEOF
+
+step "CUDA tests"
+MTP_EXT_CUDA_VALUE_CHECKS=1 timeout 210 "$PY" -m pytest tests -k "cuda" -q -p no:cacheprovider --continue-on-collection-errors \
+  -rfE --durations=15 --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_check: CUDA tests failed or timed out"; }
+
+step "CUDA benchmark"
+timeout 200 "$PY" bench/cuda_ops.py --out "$OUT" --compile-budget 90 --budget 1.5 --reps 20 \
+  2>&1 | tee "$OUT/cuda_ops.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_check: the benchmark failed or timed out"; }
+[ -f "$OUT/cuda_ops.md" ] && cat "$OUT/cuda_ops.md"
+
+step "done, status $status"
+exit $status

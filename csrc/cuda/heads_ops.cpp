@@ -1,0 +1,82 @@
+// CUDA launchers of fused_mtp_heads and small_batch_linear.
+//
+// fused_mtp_heads: the heads' blocks x . weight[h]^T (each weight read once for all rows), the
+// residual SiLU + RMSNorm kernel, the unembedding of the N x H rows (lm_head read once, in its
+// dtype) into float32 logits, and the row top-k with log-softmax statistics over them. At more
+// than 256 rows the two products go through ATen (cuBLAS, float32).
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "cuda_utils.h"
+
+namespace mtp_ext {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
+    double eps, const c10::optional<at::Tensor>& vocab_ids) {
+  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
+  const int64_t vocab = lm_head.size(0);
+  at::Tensor logprobs = at::empty({n, heads, k}, hidden.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({n, heads, k}, hidden.options().dtype(at::kLong));
+  const int64_t rows = n * heads;
+  if (rows == 0) return {logprobs, ids};
+
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const at::Tensor x = hidden.to(at::kFloat).contiguous();
+  at::Tensor y;  // [N, H, D] float32: x . weight[h]^T
+  if (n <= 256) {
+    y = at::empty({n, heads, depth}, f32);
+    const at::Tensor w = weight.contiguous();
+    if (depth == 0) {
+      y.zero_();
+    } else {
+      kc::launch_rows_dot_table(x.const_data_ptr<float>(), n, depth, depth, 0, w.const_data_ptr(),
+                                storage_type(w), depth, depth, depth * depth, y.data_ptr<float>(),
+                                heads * depth, depth, heads, stream());
+      MTP_EXT_CHECK_LAUNCH();
+    }
+  } else {
+    y = at::matmul(x.unsqueeze(0), weight.to(at::kFloat).transpose(1, 2))  // [H, N, D]
+            .transpose(0, 1)
+            .contiguous();
+  }
+  at::Tensor b, nw;
+  if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
+  if (norm_weight.has_value()) nw = norm_weight->to(at::kFloat).contiguous();
+  kc::launch_head_features(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
+                           b.defined() ? b.const_data_ptr<float>() : nullptr,
+                           nw.defined() ? nw.const_data_ptr<float>() : nullptr,
+                           static_cast<float>(eps), n, heads, depth, y.data_ptr<float>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+
+  const at::Tensor logits = rows_dot(y.view({rows, depth}), lm_head);  // [N * H, V] float32
+  row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, k, kc::TopkOut::LogProb,
+           logprobs.view({rows, k}), ids.view({rows, k}), at::Tensor());
+  if (vocab_ids.has_value()) ids = vocab_ids->take(ids);
+  return {logprobs, ids};
+}
+
+at::Tensor small_batch_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias) {
+  check_small_batch_linear(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t m = x.size(0), n = weight.size(0);
+  at::Tensor out = rows_dot(x, weight);
+  if (bias.has_value() && m > 0 && n > 0) out.add_(bias->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtp_ext, CUDA, m) {
+  m.impl("fused_mtp_heads", &fused_mtp_heads_cuda);
+  m.impl("small_batch_linear", &small_batch_linear_cuda);
+}
+
+}  // namespace cuda
+}  // namespace mtp_ext

@@ -1,0 +1,124 @@
+// CUDA launchers of softmax_topk, marginalize and topk_marginalize.
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "cuda_utils.h"
+
+namespace mtp_ext {
+namespace cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, int64_t k,
+                                                     double temperature) {
+  check_softmax_topk(logits, k, temperature);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t vocab = logits.size(-1);
+  auto out_shape = logits.sizes().vec();
+  out_shape.back() = k;
+  at::Tensor probs = at::empty(out_shape, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty(out_shape, logits.options().dtype(at::kLong));
+  const int64_t rows = vocab == 0 ? 0 : logits.numel() / vocab;
+  if (rows == 0) return {probs, ids};
+  const at::Tensor x = logits.reshape({rows, vocab});
+  const float scale = static_cast<float>(1.0 / temperature);
+  row_topk(x, rows, vocab, rows_layout(x), scale, k, kc::TopkOut::Prob, probs, ids, at::Tensor());
+  return {probs, ids};
+}
+
+// Per-(b, l) coefficients w / sum_v exp(x - max) and row maxima: one statistics pass.
+std::pair<at::Tensor, at::Tensor> plan_mixture(const at::Tensor& x, const at::Tensor& weights,
+                                               bool renormalize) {
+  const int64_t b = x.size(0), l = x.size(1), vocab = x.size(2), rows = b * l;
+  const int64_t chunks = kc::topk_chunks(vocab);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor part_max = at::empty({rows, chunks}, f32), part_sum = at::empty({rows, chunks}, f32);
+  kc::launch_topk_partial(x.const_data_ptr(), storage_type(x), rows, vocab, batch_rows_layout(x),
+                          1.0f, 0, part_max.data_ptr<float>(), part_sum.data_ptr<float>(), nullptr,
+                          nullptr, stream());
+  MTP_EXT_CHECK_LAUNCH();
+  const at::Tensor w = weights.to(at::kFloat).contiguous();
+  at::Tensor coef = at::empty({b, l}, f32), row_max = at::empty({b, l}, f32);
+  kc::launch_marginal_plan(b, l, chunks, part_max.const_data_ptr<float>(),
+                           part_sum.const_data_ptr<float>(), w.const_data_ptr<float>(), renormalize,
+                           coef.data_ptr<float>(), row_max.data_ptr<float>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+  return {coef, row_max};
+}
+
+at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bool renormalize) {
+  const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
+  at::Tensor out = at::empty({b, vocab}, next_logits.options().dtype(at::kFloat));
+  if (b == 0 || vocab == 0) return out;
+  if (l == 0) return out.zero_();
+  const auto [coef, row_max] = plan_mixture(next_logits, weights, renormalize);
+  kc::launch_marginalize(next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
+                         batch_rows_layout(next_logits), coef.const_data_ptr<float>(),
+                         row_max.const_data_ptr<float>(), out.data_ptr<float>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+  return out;
+}
+
+at::Tensor marginalize_cuda(const at::Tensor& next_logits, const at::Tensor& weights,
+                            bool renormalize) {
+  const char* op = "mtp_ext.marginalize";
+  check_marginalize(next_logits, weights, op);
+  const c10::cuda::CUDAGuard guard(next_logits.device());
+  if (value_checks_enabled()) check_nonnegative(weights, op, "weights");
+  return marginal(next_logits, weights, renormalize);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_logits,
+                                                         const at::Tensor& weights, int64_t m,
+                                                         bool renormalize) {
+  const char* op = "mtp_ext.topk_marginalize";
+  check_marginalize(next_logits, weights, op);
+  check_k(m, next_logits.size(2), op, "m");
+  const c10::cuda::CUDAGuard guard(next_logits.device());
+  if (value_checks_enabled()) check_nonnegative(weights, op, "weights");
+  const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
+  at::Tensor probs = at::empty({b, m}, next_logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({b, m}, next_logits.options().dtype(at::kLong));
+  if (b == 0) return {probs, ids};
+  if (l == 0) {
+    // An empty mixture is all zeros: the top-m are the first m ids.
+    probs.zero_();
+    ids.copy_(at::arange(m, ids.options()).expand({b, m}));
+    return {probs, ids};
+  }
+  TORCH_CHECK(vocab < (int64_t(1) << 31), op, ": vocabularies of 2^31 or more are not supported");
+  const int64_t chunks = kc::topk_chunks(vocab);
+  if (m <= kc::kTopkMaxK && chunks * m <= kc::kTopkMaxMerge) {
+    // The marginal of each chunk is computed on the fly and never written.
+    const auto [coef, row_max] = plan_mixture(next_logits, weights, renormalize);
+    at::Tensor cand_key = at::empty({b, chunks, m}, next_logits.options().dtype(at::kInt));
+    at::Tensor cand_id = at::empty({b, chunks, m}, next_logits.options().dtype(at::kInt));
+    kc::launch_marginal_topk_partial(
+        next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
+        batch_rows_layout(next_logits), coef.const_data_ptr<float>(),
+        row_max.const_data_ptr<float>(), static_cast<int>(m),
+        reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(),
+        stream());
+    MTP_EXT_CHECK_LAUNCH();
+    kc::launch_topk_merge(b, chunks, static_cast<int>(m), nullptr, nullptr,
+                          reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
+                          cand_id.const_data_ptr<int32_t>(), kc::TopkOut::Raw, 1.0f,
+                          probs.data_ptr<float>(), ids.data_ptr<int64_t>(), nullptr, stream());
+    MTP_EXT_CHECK_LAUNCH();
+    return {probs, ids};
+  }
+  // Large m: the marginal is written, then ranked by a sort.
+  const at::Tensor full = marginal(next_logits, weights, renormalize);
+  row_topk(full, b, vocab, rows_layout(full), 1.0f, m, kc::TopkOut::Raw, probs, ids, at::Tensor());
+  return {probs, ids};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtp_ext, CUDA, m) {
+  m.impl("softmax_topk", &softmax_topk_cuda);
+  m.impl("marginalize", &marginalize_cuda);
+  m.impl("topk_marginalize", &topk_marginalize_cuda);
+}
+
+}  // namespace cuda
+}  // namespace mtp_ext

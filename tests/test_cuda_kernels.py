@@ -1,0 +1,351 @@
+"""CUDA kernels beyond the device-parametrized tests: capture and replay in a CUDA graph for every
+op, equality with the CPU kernels on the same inputs, and large shapes that would overflow 32-bit
+indexing. Skipped with a reason where no GPU is present.
+
+Sampled tokens may differ between the CPU and CUDA kernels only where the uniform lies within
+rounding of a boundary of the (filtered) CDF: the two kernels compute exp and the sums in different
+orders. Such differences are counted, each must be explained by moving the uniform (or top_p) by
+at most 1e-5, and there must be few of them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import CUDA_AVAILABLE, TOL, assert_close, assert_topk_equivalent, rand, randn, ref64
+
+from mtp_ext import ops
+from mtp_ext import reference as ref
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not CUDA_AVAILABLE, reason="CUDA is not available"),
+]
+
+BF16, F16, F32, I64 = torch.bfloat16, torch.float16, torch.float32, torch.int64
+
+
+def to_cuda(args):
+    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def compare(actual, expected, what=""):
+    """Integers exactly, floats within the float32 probability tolerance (NaN equal)."""
+    if isinstance(expected, torch.Tensor):
+        actual, expected = [actual], [expected]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a, e = a.cpu(), e.cpu()
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+        if a.is_floating_point():
+            assert_close(a, e, (1e-5, 1e-5), f"{what}[{i}] differs", equal_nan=True)
+        else:
+            assert torch.equal(a, e), f"{what}[{i}] differs"
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs of every op (CPU tensors; seed changes the values, not the shapes)
+# ------------------------------------------------------------------------------------------------
+
+
+def chain_tree(t):
+    return torch.tensor([-1] + list(range(t - 1)))
+
+
+def medusa_tree():
+    return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])
+
+
+def verify_inputs(seed, b=3, v=3001, dtype=BF16, sampled=False):
+    par = medusa_tree()
+    t = par.numel()
+    logits = randn(b, t, v, dtype=dtype, seed=seed, scale=3.0)
+    targets = ref.target_tokens(logits)
+    draft = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(seed))
+    hit = torch.rand(b, t, generator=torch.Generator().manual_seed(seed + 1)) < 0.7
+    draft = torch.where(hit, targets.gather(1, par.clamp(min=0).expand(b, t)), draft)
+    u = rand(b, t, seed=seed + 2)
+    return draft, par, logits, u
+
+
+CASES = {
+    "softmax_topk": (
+        lambda s: (randn(4, 5000, dtype=BF16, seed=s, scale=3.0),),
+        lambda x: ops.softmax_topk(x, 8, 0.7),
+    ),
+    "softmax_topk_large_k": (
+        lambda s: (randn(3, 3000, dtype=F16, seed=s, scale=3.0),),
+        lambda x: ops.softmax_topk(x, 300),
+    ),
+    "marginalize": (
+        lambda s: (randn(2, 5, 9000, dtype=BF16, seed=s, scale=3.0), rand(2, 5, seed=s + 1)),
+        lambda x, w: ops.marginalize(x, w),
+    ),
+    "topk_marginalize": (
+        lambda s: (randn(2, 5, 9000, dtype=F32, seed=s, scale=3.0), rand(2, 5, seed=s + 1)),
+        lambda x, w: ops.topk_marginalize(x, w, 10),
+    ),
+    "topk_marginalize_large_m": (
+        lambda s: (randn(2, 3, 2000, dtype=F32, seed=s, scale=3.0), rand(2, 3, seed=s + 1)),
+        lambda x, w: ops.topk_marginalize(x, w, 200, False),
+    ),
+    "fused_mtp_heads": (
+        lambda s: (
+            randn(4, 64, dtype=BF16, seed=s),
+            randn(3, 64, 64, dtype=BF16, seed=s + 1, scale=0.125),
+            randn(3, 64, dtype=BF16, seed=s + 2, scale=0.1),
+            randn(3000, 64, dtype=BF16, seed=s + 3, scale=0.4),
+            (1 + randn(64, seed=s + 4, scale=0.1)).to(BF16),
+            torch.randperm(5000, generator=torch.Generator().manual_seed(s))[:3000],
+        ),
+        lambda x, w, b, lm, nw, vid: ops.fused_mtp_heads(x, w, b, lm, 5, nw, 1e-6, vid),
+    ),
+    "verify_tree_greedy": (
+        lambda s: verify_inputs(s)[:3],
+        lambda d, p, x: ops.verify_tree(d, p, x),
+    ),
+    "verify_tree_sampled": (
+        lambda s: verify_inputs(s),
+        lambda d, p, x, u: ops.verify_tree(d, p, x, 0.8, 0, 1.0, u),
+    ),
+    "verify_tree_top_k_top_p": (
+        lambda s: verify_inputs(s),
+        lambda d, p, x, u: ops.verify_tree(d, p, x, 1.0, 20, 0.8, u),
+    ),
+    "verify_tree_top_p_sorted": (
+        lambda s: verify_inputs(s),
+        lambda d, p, x, u: ops.verify_tree(d, p, x, 1.2, 0, 0.9, u),
+    ),
+    "verify_tree_from_hidden": (
+        lambda s: (
+            verify_inputs(s, v=50)[0] % 50,
+            medusa_tree(),
+            randn(3, 10, 64, dtype=BF16, seed=s),
+            randn(2000, 64, dtype=BF16, seed=s + 1),
+            (1 + randn(64, seed=s + 2, scale=0.1)).to(BF16),
+        ),
+        lambda d, p, h, lm, nw: ops.verify_tree_from_hidden(d, p, h, lm, nw),
+    ),
+    "small_batch_linear": (
+        lambda s: (randn(5, 96, dtype=F32, seed=s), randn(300, 96, dtype=BF16, seed=s + 1),
+                   randn(300, dtype=F32, seed=s + 2)),
+        lambda x, w, b: ops.small_batch_linear(x, w, b),
+    ),
+    "tree_attention_mask": (
+        lambda s: (torch.stack([medusa_tree(), torch.tensor([-1, 0, 1, 2, 0, 4, 4, 1, 7, 8])]),),
+        lambda p: ops.tree_attention_mask(p, 7, torch.bfloat16),
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA graphs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_capture_and_replay(name):
+    make, fn = CASES[name]
+    static = to_cuda(make(0))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    fresh = to_cuda(make(1))
+    for st, fr in zip(static, fresh):
+        st.copy_(fr)
+    graph.replay()
+    torch.cuda.synchronize()
+    compare(out, fn(*fresh), name)
+    # Replays again on other inputs: nothing was baked into the graph but the shapes.
+    fresh = to_cuda(make(2))
+    for st, fr in zip(static, fresh):
+        st.copy_(fr)
+    graph.replay()
+    torch.cuda.synchronize()
+    compare(out, fn(*fresh), name)
+
+
+def test_compact_kv_capture_and_replay():
+    def make(seed):
+        cache = randn(2, 3, 16, 8, dtype=BF16, seed=seed)
+        path = torch.tensor([[0, 2, 5, 7, -1, -1, -1, -1], [0, 1, 3, -1, -1, -1, -1, -1]])
+        if seed % 2:
+            path = torch.tensor([[0, 3, 4, -1, -1, -1, -1, -1], [0, 2, 6, 7, -1, -1, -1, -1]])
+        num = (path >= 0).sum(1) - 1
+        return cache.cuda(), path.cuda(), num.cuda()
+
+    cache, path, num = make(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.compact_kv(cache.clone(), path, num, 4)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.compact_kv(cache, path, num, 4)
+    for seed in (1, 2):
+        fresh = make(seed)
+        for st, fr in zip((cache, path, num), fresh):
+            st.copy_(fr)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = ref.compact_kv(fresh[0].cpu(), fresh[1].cpu(), fresh[2].cpu(), 4)
+        assert torch.equal(cache.cpu(), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA equals the CPU kernel on the same inputs
+# ------------------------------------------------------------------------------------------------
+
+EXACT = [
+    "softmax_topk",
+    "softmax_topk_large_k",
+    "marginalize",
+    "verify_tree_greedy",
+    "verify_tree_from_hidden",
+    "small_batch_linear",
+    "tree_attention_mask",
+]
+
+
+@pytest.mark.parametrize("name", EXACT)
+@pytest.mark.parametrize("seed", [3, 4])
+def test_cuda_equals_cpu(name, seed):
+    make, fn = CASES[name]
+    args = make(seed)
+    expected = fn(*args)
+    actual = fn(*to_cuda(args))
+    if name == "small_batch_linear":
+        assert_close(actual.cpu(), expected, TOL[F32].linear)
+        return
+    compare(actual, expected, name)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_cuda_topk_marginalize_matches_cpu(seed):
+    x, w = randn(3, 7, 20000, dtype=BF16, seed=seed, scale=3.0), rand(3, 7, seed=seed + 1)
+    for m in (1, 10, 64, 100):
+        probs, ids = ops.topk_marginalize(x.cuda(), w.cuda(), m)
+        cpu_probs, cpu_ids = ops.topk_marginalize(x, w, m)
+        full = ref64(ref.marginalize, x, w)
+        assert_topk_equivalent(probs.cpu(), ids.cpu(), cpu_probs, cpu_ids, full, TOL[BF16].prob)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_cuda_fused_mtp_heads_matches_cpu(seed):
+    make, fn = CASES["fused_mtp_heads"]
+    args = make(seed)
+    lp, ids = fn(*to_cuda(args))
+    cpu_lp, cpu_ids = fn(*args)
+    hidden, weight, bias, lm_head, nw, vocab_ids = args
+    z = ref.head_features(hidden, weight, bias, nw, 1e-6).double()
+    logprobs = torch.log_softmax(z @ lm_head.double().T, -1).float()  # [N, H, V]
+    # Compare in lm_head row space (ids are mapped through vocab_ids).
+    inverse = torch.full((int(vocab_ids.max()) + 1,), -1, dtype=I64)
+    inverse[vocab_ids] = torch.arange(vocab_ids.numel())
+    assert_topk_equivalent(lp.cpu(), inverse[ids.cpu()], cpu_lp, inverse[cpu_ids], logprobs,
+                           TOL[BF16].logprob)
+
+
+def explained_by_rounding(logits, temperature, top_k, top_p, u, token, delta=1e-5):
+    """Whether the reference samples `token` from one row when u or top_p moves by at most delta."""
+    for du in (-delta, 0.0, delta):
+        for dp in ((-delta, 0.0, delta) if top_p < 1 else (0.0,)):
+            uu = torch.tensor(min(max(float(u) + du, 0.0), 1 - 1e-12))
+            got = ref64(ref.target_tokens, logits, temperature, top_k, min(top_p + dp, 1.0), uu)
+            if int(got) == int(token):
+                return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 20, 1.0), (1.0, 20, 0.8), (1.2, 0, 0.9), (1.0, 100, 0.95),
+     (0.5, 64, 1.0)],
+)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_sampling_matches_cpu_up_to_cdf_rounding(temperature, top_k, top_p, dtype):
+    rows, v = 512, 4099
+    logits = randn(rows, v, dtype=dtype, seed=11, scale=2.5)
+    u = rand(rows, seed=12)
+    # Every node is a root here (T = 1), so target tokens come back as tokens[:, 0].
+    draft = torch.zeros(rows, 1, dtype=I64)
+    parents = torch.tensor([-1])
+    args = (draft, parents, logits.unsqueeze(1), temperature, top_k, top_p, u.unsqueeze(1))
+    cpu = ops.verify_tree(*args)[1][:, 0]
+    gpu = ops.verify_tree(*to_cuda(args))[1][:, 0].cpu()
+    differ = (cpu != gpu).nonzero().flatten().tolist()
+    for r in differ:
+        assert explained_by_rounding(logits[r], temperature, top_k, top_p, u[r], gpu[r]), (
+            f"row {r}: CUDA sampled {int(gpu[r])}, CPU {int(cpu[r])}, u = {float(u[r])}"
+        )
+    print(f"{len(differ)} of {rows} sampled tokens differ, all within rounding of a CDF boundary")
+    assert len(differ) <= max(2, rows // 100)
+
+
+# ------------------------------------------------------------------------------------------------
+# Large shapes: V = 262144, B = 64, and more than 2^31 elements
+# ------------------------------------------------------------------------------------------------
+
+BIG_V = 262144
+
+
+def test_large_softmax_topk_and_verify():
+    x = randn(64, BIG_V, dtype=BF16, seed=21, scale=4.0)
+    for k in (1, 64):
+        probs, ids = ops.softmax_topk(x.cuda(), k)
+        cpu_probs, cpu_ids = ops.softmax_topk(x, k)
+        assert torch.equal(ids.cpu(), cpu_ids)
+        assert_close(probs.cpu(), cpu_probs, TOL[BF16].prob)
+    b, t = 64, 4
+    logits = randn(b, t, BIG_V, dtype=BF16, seed=22, scale=4.0)
+    par = chain_tree(t)
+    targets = ref.target_tokens(logits)
+    draft = torch.cat([torch.full((b, 1), -1), targets[:, :-1]], 1)
+    draft[::3, 2] = -5  # some rows stop early
+    expected = ops.verify_tree(draft, par, logits)
+    actual = ops.verify_tree(draft.cuda(), par.cuda(), logits.cuda())
+    compare(actual, expected, "verify_tree")
+
+
+def test_large_marginalize():
+    x, w = randn(64, 4, BIG_V, dtype=BF16, seed=23, scale=3.0), rand(64, 4, seed=24)
+    out = ops.marginalize(x.cuda(), w.cuda())
+    assert_close(out.cpu(), ops.marginalize(x, w), TOL[BF16].prob)
+    probs, ids = ops.topk_marginalize(x.cuda(), w.cuda(), 32)
+    cpu_probs, cpu_ids = ops.topk_marginalize(x, w, 32)
+    assert_topk_equivalent(probs.cpu(), ids.cpu(), cpu_probs, cpu_ids, ops.marginalize(x, w),
+                           TOL[BF16].prob)
+
+
+def test_large_fused_mtp_heads():
+    n, h, d = 16, 4, 64  # N x H = 64 rows
+    hidden = randn(n, d, dtype=BF16, seed=25)
+    weight = randn(h, d, d, dtype=BF16, seed=26, scale=d**-0.5)
+    lm_head = randn(BIG_V, d, dtype=BF16, seed=27, scale=0.5)
+    lp, ids = ops.fused_mtp_heads(hidden.cuda(), weight.cuda(), None, lm_head.cuda(), 8)
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(hidden, weight, None, lm_head, 8)
+    z = ref.head_features(hidden, weight, None).double()
+    full = torch.log_softmax(z @ lm_head.double().T, -1).float()
+    assert_topk_equivalent(lp.cpu(), ids.cpu(), cpu_lp, cpu_ids, full, TOL[BF16].logprob)
+
+
+def test_more_than_2_31_elements():
+    rows = (1 << 31) // BIG_V + 8  # 8200 rows of 262144: 2^31 + 2M elements (4 GB in bfloat16)
+    x = torch.randn(rows, BIG_V, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    x = x.to(BF16)
+    x[-1, BIG_V - 3] = 100.0  # the last rows' winners sit past element 2^31
+    x[-2, 7] = 100.0
+    probs, ids = ops.softmax_topk(x, 4)
+    for r in (0, rows // 2, rows - 2, rows - 1):
+        ref_probs, ref_ids = ref64(ref.softmax_topk, x[r].cpu(), 4)
+        assert torch.equal(ids[r].cpu(), ref_ids), f"row {r}"
+        assert_close(probs[r].cpu(), ref_probs, TOL[BF16].prob)
+    assert int(ids[-1, 0]) == BIG_V - 3 and int(ids[-2, 0]) == 7
+    del x
+    torch.cuda.empty_cache()
