@@ -133,6 +133,9 @@ def heads_cases(dev, small):
         def check(out, exp, full=full):
             assert_topk_equivalent(out[0], out[1], exp[0], full, "fused_mtp_heads", 1e-4, 1e-4)
 
+        # The least traffic: the inputs once and the outputs. At N x H <= 64 rows the CUDA kernel
+        # streams lm_head once and adds only its per-block partials (about N * H * blocks * (8 + 8k)
+        # bytes written and read back, blocks ~ 2-4 per SM); it never writes the [N, H, V] logits.
         yield Case("fused_mtp_heads", f"N={n} H={h} D={d} V={v} k={k} bf16", args,
                    ops.fused_mtp_heads, ref.fused_mtp_heads, check,
                    nbytes(hidden, weight, bias, lm_head, nw) + n * h * k * 12,

@@ -79,6 +79,12 @@ void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights,
                     shape_str(next_logits));
 }
 
+void check_topk_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, int64_t m) {
+  const char* op = "mtp_ext.topk_marginalize";
+  check_marginalize(next_logits, weights, op);
+  check_k(m, next_logits.size(2), op, "m");
+}
+
 void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
                            int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
@@ -136,6 +142,17 @@ void check_parents_shape(const at::Tensor& parents, const char* op) {
   TORCH_CHECK_VALUE(parents.dim() == 1 || parents.dim() == 2, op,
                     ": parents must have 1 dim [T] or 2 dims [B, T], got shape ",
                     shape_str(parents));
+}
+
+at::ScalarType check_tree_attention_mask(const at::Tensor& parents, int64_t prefix_len,
+                                         const c10::optional<at::ScalarType>& dtype) {
+  const char* op = "mtp_ext.tree_attention_mask";
+  check_parents_shape(parents, op);
+  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
+  const at::ScalarType mask_dtype = dtype.value_or(at::kFloat);
+  TORCH_CHECK_TYPE(at::isFloatingType(mask_dtype), op, ": dtype must be a floating dtype, got ",
+                   mask_dtype);
+  return mask_dtype;
 }
 
 void check_tree_inputs(const at::Tensor& draft_tokens, const at::Tensor& parents, const char* op) {
@@ -219,6 +236,29 @@ void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
   TORCH_CHECK_VALUE(prefix_len + path.size(1) <= cache.size(2), op,
                     ": the tree must fit in the cache: prefix_len + T = ", prefix_len + path.size(1),
                     " > S = ", cache.size(2), " (cache shape ", shape_str(cache), ")");
+}
+
+namespace {
+std::tuple<at::Tensor, at::Tensor> topk_outputs(const at::Tensor& like, at::IntArrayRef shape) {
+  return {at::empty(shape, like.options().dtype(at::kFloat)),
+          at::empty(shape, like.options().dtype(at::kLong))};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> prepare_softmax_topk(const at::Tensor& logits, int64_t k,
+                                                        double temperature) {
+  check_softmax_topk(logits, k, temperature);
+  auto shape = logits.sizes().vec();
+  shape.back() = k;
+  return topk_outputs(logits, shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> prepare_fused_mtp_heads(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
+    double eps, const c10::optional<at::Tensor>& vocab_ids) {
+  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  return topk_outputs(hidden, {hidden.size(0), weight.size(0), k});
 }
 
 void check_tree_values(const at::Tensor& parents, const char* op) {

@@ -24,6 +24,7 @@ void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::T
 
 void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature);
 void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op);
+void check_topk_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, int64_t m);
 void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
                            int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
@@ -32,6 +33,9 @@ void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents
                        const at::Tensor& target_logits, double temperature, int64_t top_k,
                        double top_p, const c10::optional<at::Tensor>& uniforms);
 void check_parents_shape(const at::Tensor& parents, const char* op);
+// Checks tree_attention_mask's parents (shape), prefix_len and dtype; returns the mask dtype.
+at::ScalarType check_tree_attention_mask(const at::Tensor& parents, int64_t prefix_len,
+                                         const c10::optional<at::ScalarType>& dtype);
 void check_tree_inputs(const at::Tensor& draft_tokens, const at::Tensor& parents, const char* op);
 void check_verify_tree_from_hidden(const at::Tensor& draft_tokens, const at::Tensor& parents,
                                    const at::Tensor& hidden, const at::Tensor& lm_head,
@@ -40,6 +44,15 @@ void check_small_batch_linear(const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias);
 void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
                       const at::Tensor& num_accepted, int64_t prefix_len);
+
+// The prologue both backends share: check the arguments, then return the uninitialized outputs
+// (values float32, ids int64): softmax_topk's [..., k], fused_mtp_heads' [N, H, k].
+std::tuple<at::Tensor, at::Tensor> prepare_softmax_topk(const at::Tensor& logits, int64_t k,
+                                                        double temperature);
+std::tuple<at::Tensor, at::Tensor> prepare_fused_mtp_heads(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
+    double eps, const c10::optional<at::Tensor>& vocab_ids);
 
 // Host-side value checks (read the tensors; CPU launchers only).
 void check_tree_values(const at::Tensor& parents_cpu_contiguous, const char* op);

@@ -252,6 +252,120 @@ def test_cuda_fused_mtp_heads_matches_cpu(seed):
                            TOL[BF16].logprob)
 
 
+# ------------------------------------------------------------------------------------------------
+# The unembedding paths of fused_mtp_heads and verify_tree_from_hidden: up to 64 rows (k <= 64, D a
+# multiple of 8, contiguous lm_head rows) one streaming kernel with a running top-k that never
+# writes the logits; otherwise the logits are computed and ranked. Both against the CPU kernel.
+# ------------------------------------------------------------------------------------------------
+
+
+def heads_inputs(n, h, d, v, dtype, seed):
+    hidden = randn(n, d, dtype=dtype, seed=seed)
+    weight = randn(h, d, d, dtype=dtype, seed=seed + 1, scale=d**-0.5)
+    bias = randn(h, d, dtype=dtype, seed=seed + 2, scale=0.1)
+    lm_head = randn(v, d, dtype=dtype, seed=seed + 3, scale=0.5)
+    nw = (1 + randn(d, seed=seed + 4, scale=0.1)).to(dtype)
+    return hidden, weight, bias, lm_head, nw
+
+
+def check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw, vocab_ids=None):
+    lp, ids = ops.fused_mtp_heads(*to_cuda((hidden, weight, bias, lm_head, k, nw, 1e-6, vocab_ids)))
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, nw, 1e-6, vocab_ids)
+    z = ref.head_features(hidden, weight, bias, nw, 1e-6).double()
+    full = torch.log_softmax(z @ lm_head.double().T, -1).float()  # [N, H, V]
+    if vocab_ids is not None:  # compare in lm_head row space
+        inverse = torch.full((int(vocab_ids.max()) + 1,), -1, dtype=I64)
+        inverse[vocab_ids] = torch.arange(vocab_ids.numel())
+        ids, cpu_ids = inverse[ids.cpu()], inverse[cpu_ids]
+    assert_topk_equivalent(lp.cpu(), ids.cpu(), cpu_lp, cpu_ids, full, TOL[lm_head.dtype].logprob)
+
+
+@pytest.mark.parametrize(
+    "n, h, d, v",
+    [
+        (1, 3, 64, 1000),  # 3 rows: the streaming kernel's 16-row tiles, V not a multiple of 128
+        (4, 4, 96, 5000),  # 16 rows
+        (16, 4, 64, 3001),  # 64 rows: the 64-row tiles
+        (17, 4, 64, 3001),  # 68 rows: logits written, then the row top-k
+        (3, 2, 60, 2000),  # D not a multiple of 8: the written-logits path at few rows
+    ],
+)
+@pytest.mark.parametrize("k", [1, 8, 64, 65])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_cuda_heads_paths_match_cpu(n, h, d, v, k, dtype):
+    hidden, weight, bias, lm_head, nw = heads_inputs(n, h, d, v, dtype, seed=31)
+    check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw)
+
+
+def test_cuda_heads_vocab_ids_and_strided_lm_head():
+    hidden, weight, bias, lm_head, nw = heads_inputs(2, 3, 64, 2500, BF16, seed=41)
+    vocab_ids = torch.randperm(9000, generator=torch.Generator().manual_seed(5))[:2500]
+    check_heads_against_cpu(hidden, weight, bias, lm_head, 10, nw, vocab_ids)
+    # Rows 16-byte aligned but 80 elements apart (a slice of a wider table): still streamed.
+    wide = randn(2500, 80, dtype=BF16, seed=42, scale=0.5)
+    check_heads_against_cpu(hidden, weight, bias, wide[:, :64], 10, nw)
+    # Rows not contiguous (a transposed view): the written-logits path.
+    check_heads_against_cpu(hidden, weight, bias, lm_head.T.contiguous().T, 10, nw)
+    # No bias, no norm.
+    check_heads_against_cpu(hidden, weight, None, lm_head, 3, None)
+
+
+def test_cuda_heads_nan_and_ties_match_cpu():
+    # NaN logits rank first (ties toward the lower id) and make the log-normalizer NaN; equal rows of
+    # lm_head give equal logits, ranked by id.
+    hidden, weight, bias, lm_head, nw = heads_inputs(2, 2, 64, 700, F32, seed=51)
+    lm_head[300] = float("nan")
+    lm_head[12] = float("nan")
+    lm_head[500] = lm_head[40]
+    lm_head[650] = lm_head[40]
+    args = (hidden, weight, bias, lm_head, 6, nw)
+    lp, ids = ops.fused_mtp_heads(*to_cuda(args))
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(*args)
+    assert torch.equal(ids[..., :2].cpu(), cpu_ids[..., :2])
+    assert (ids[..., :2].cpu() == torch.tensor([12, 300])).all()
+    assert torch.isnan(lp).all() and torch.isnan(cpu_lp).all()
+    tied = torch.zeros(700, 64, dtype=F32)
+    tied[[5, 200, 699]] = 1.0
+    args = (hidden, weight, bias, tied, 5, nw)
+    lp, ids = ops.fused_mtp_heads(*to_cuda(args))
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(*args)
+    compare((lp, ids), (cpu_lp, cpu_ids), "ties")
+
+
+@pytest.mark.parametrize(
+    "b, t, d, v",
+    [(1, 10, 64, 3000), (2, 16, 128, 5001), (4, 16, 64, 3000), (5, 16, 64, 3000), (2, 10, 60, 999)],
+)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_cuda_verify_from_hidden_paths_match_cpu(b, t, d, v, dtype):
+    # B x T = 10, 32, 64 rows: streamed; 80 rows, or D not a multiple of 8: logits written.
+    par = torch.tensor([-1] + [max(0, (i - 1) // 2) for i in range(1, t)])
+    hidden = randn(b, t, d, dtype=dtype, seed=61)
+    lm_head = randn(v, d, dtype=dtype, seed=62)
+    nw = (1 + randn(d, seed=63, scale=0.1)).to(dtype)
+    logits = ref.final_norm(hidden, nw) @ lm_head.float().T
+    targets = ref.target_tokens(logits)
+    draft = targets.gather(1, par.clamp(min=0).expand(b, t))
+    draft[:, 1::3] = 0  # some branches rejected
+    for norm in (nw, None):
+        args = (draft, par, hidden, lm_head, norm)
+        compare(ops.verify_tree_from_hidden(*to_cuda(args)), ops.verify_tree_from_hidden(*args),
+                "verify_tree_from_hidden")
+
+
+def test_cuda_verify_from_hidden_nan_rows():
+    b, t, d, v = 2, 6, 64, 900
+    par = chain_tree(t)
+    hidden = randn(b, t, d, dtype=F32, seed=71)
+    lm_head = randn(v, d, dtype=F32, seed=72)
+    lm_head[[700, 33]] = float("nan")  # every row's argmax: the lower NaN id
+    draft = torch.full((b, t), 33)
+    args = (draft, par, hidden, lm_head)
+    out = ops.verify_tree_from_hidden(*to_cuda(args))
+    compare(out, ops.verify_tree_from_hidden(*args), "verify_tree_from_hidden NaN")
+    assert int(out[0][0]) == t - 1
+
+
 def explained_by_rounding(logits, temperature, top_k, top_p, u, token, delta=1e-5):
     """Whether the reference samples `token` from one row when u or top_p moves by at most delta."""
     for du in (-delta, 0.0, delta):
@@ -333,6 +447,27 @@ def test_large_fused_mtp_heads():
     z = ref.head_features(hidden, weight, None).double()
     full = torch.log_softmax(z @ lm_head.double().T, -1).float()
     assert_topk_equivalent(lp.cpu(), ids.cpu(), cpu_lp, cpu_ids, full, TOL[BF16].logprob)
+
+
+def test_unembedding_past_2_31_elements():
+    # lm_head [262144, 8200]: 2^31 + 5M elements; the winners sit in its last rows.
+    v, d = BIG_V, 8200
+    lm_head = torch.zeros(v, d, dtype=BF16)
+    lm_head[-64:] = randn(64, d, dtype=BF16, seed=81)
+    lm_head[100] = randn(d, dtype=BF16, seed=82)
+    hidden = randn(2, 8, d, dtype=BF16, seed=83)
+    args = (torch.zeros(2, 8, dtype=I64), chain_tree(8), hidden, lm_head)
+    compare(ops.verify_tree_from_hidden(*to_cuda(args)), ops.verify_tree_from_hidden(*args),
+            "verify_tree_from_hidden")
+    weight = randn(2, d, d, dtype=BF16, seed=84, scale=d**-0.5)
+    args = (hidden[0, :4], weight, None, lm_head, 16)
+    lp, ids = ops.fused_mtp_heads(*to_cuda(args))
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(*args)
+    assert torch.equal(ids.cpu(), cpu_ids)
+    assert_close(lp.cpu(), cpu_lp, TOL[BF16].logprob)
+    assert (ids[..., 0] >= v - 64).any()
+    del lm_head, weight
+    torch.cuda.empty_cache()
 
 
 def test_more_than_2_31_elements():

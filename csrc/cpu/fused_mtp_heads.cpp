@@ -36,11 +36,11 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
     double eps, const c10::optional<at::Tensor>& vocab_ids) {
-  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  at::Tensor logprobs, ids;
+  std::tie(logprobs, ids) =
+      prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
   const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
   const int64_t vocab = lm_head.size(0);
-  at::Tensor logprobs = at::empty({n, heads, k}, hidden.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({n, heads, k}, hidden.options().dtype(at::kLong));
   const int64_t rows = n * heads;
   if (rows == 0) return {logprobs, ids};
 

@@ -92,8 +92,7 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cpu(const at::Tensor& next_l
                                                         const at::Tensor& weights, int64_t m,
                                                         bool renormalize) {
   const char* op = "mtp_ext.topk_marginalize";
-  check_marginalize(next_logits, weights, op);
-  check_k(m, next_logits.size(2), op, "m");
+  check_topk_marginalize(next_logits, weights, m);
   check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), vocab = next_logits.size(2);
   at::Tensor probs = at::zeros({b, m}, next_logits.options().dtype(at::kFloat));

@@ -11,12 +11,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& logits, int64_t k,
                                                     double temperature) {
-  check_softmax_topk(logits, k, temperature);
+  at::Tensor probs, ids;
+  std::tie(probs, ids) = prepare_softmax_topk(logits, k, temperature);
   const int64_t vocab = logits.size(-1);
-  auto out_shape = logits.sizes().vec();
-  out_shape.back() = k;
-  at::Tensor probs = at::empty(out_shape, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty(out_shape, logits.options().dtype(at::kLong));
   const int64_t rows = vocab == 0 ? 0 : logits.numel() / vocab;
   if (rows == 0) return {probs, ids};
 

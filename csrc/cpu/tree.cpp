@@ -17,11 +17,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_mask_cpu(const at::Tensor& par
                                                            int64_t prefix_len,
                                                            c10::optional<at::ScalarType> dtype) {
   const char* op = "mtp_ext.tree_attention_mask";
-  check_parents_shape(parents, op);
-  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
-  const at::ScalarType mask_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(at::isFloatingType(mask_dtype), op, ": dtype must be a floating dtype, got ",
-                   mask_dtype);
+  const at::ScalarType mask_dtype = check_tree_attention_mask(parents, prefix_len, dtype);
   const at::Tensor par = parents.contiguous();
   check_tree_values(par, op);
   const int64_t t = par.size(-1), rows = par.dim() == 2 ? par.size(0) : 1;

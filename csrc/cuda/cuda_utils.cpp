@@ -70,14 +70,9 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
     MTP_EXT_CHECK_LAUNCH();
     return;
   }
-  // Large k: rank keys, a stable descending sort (ties keep the lower id first), then the first k.
-  at::Tensor keys = at::empty({rows, vocab}, x.options().dtype(at::kInt));
-  kc::launch_rank_keys(x.const_data_ptr(), storage_type(x), rows, vocab, layout,
-                       keys.data_ptr<int32_t>(), s);
-  MTP_EXT_CHECK_LAUNCH();
-  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
-  const at::Tensor& sorted_keys = std::get<0>(sorted);
-  const at::Tensor& sorted_ids = std::get<1>(sorted);
+  // Large k: the full ranking, then the first k.
+  at::Tensor sorted_keys, sorted_ids;
+  std::tie(sorted_keys, sorted_ids) = sorted_ranking(x, rows, vocab, layout);
   at::Tensor rmax = at::empty({rows}, f32), rsum = at::empty({rows}, f32);
   if (stats || row_max.defined()) {
     at::Tensor part_max = at::empty({rows, chunks}, f32);
@@ -98,6 +93,53 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
                               rsum.const_data_ptr<float>(), mode, scale, val,
                               out_id.data_ptr<int64_t>(), s);
   MTP_EXT_CHECK_LAUNCH();
+}
+
+std::tuple<at::Tensor, at::Tensor> sorted_ranking(const at::Tensor& x, int64_t rows, int64_t vocab,
+                                                  kc::RowLayout layout) {
+  at::Tensor keys = at::empty({rows, vocab}, x.options().dtype(at::kInt));
+  kc::launch_rank_keys(x.const_data_ptr(), storage_type(x), rows, vocab, layout,
+                       keys.data_ptr<int32_t>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
+  return {std::get<0>(sorted).contiguous(), std::get<1>(sorted).contiguous()};
+}
+
+bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc::TopkOut mode,
+                  const at::Tensor& out_val, const at::Tensor& out_id) {
+  const int64_t rows = z_in.size(0), depth = z_in.size(1), vocab = table.size(0);
+  if (table.stride(1) != 1 ||
+      !kc::unembed_topk_fits(rows, depth, table.const_data_ptr(), storage_type(table),
+                             table.stride(0), vocab, static_cast<int>(k)))
+    return false;
+  at::Tensor z = z_in.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(z.const_data_ptr()) % 16 != 0) z = z.clone();  // a view
+  const cudaStream_t s = stream();
+  const int kk = static_cast<int>(k);
+  const int64_t chunks = kc::unembed_topk_chunks(rows, vocab, kk);
+  const bool stats = mode == kc::TopkOut::LogProb || mode == kc::TopkOut::Prob;
+  const auto f32 = z.options().dtype(at::kFloat);
+  at::Tensor part_max, part_sum;
+  if (stats) {
+    part_max = at::empty({rows, chunks}, f32);
+    part_sum = at::empty({rows, chunks}, f32);
+  }
+  at::Tensor cand_key = at::empty({rows, chunks, k}, z.options().dtype(at::kInt));
+  at::Tensor cand_id = at::empty({rows, chunks, k}, z.options().dtype(at::kInt));
+  kc::launch_unembed_topk_partial(
+      z.const_data_ptr<float>(), rows, depth, table.const_data_ptr(), storage_type(table),
+      table.stride(0), vocab, kk, chunks, stats ? part_max.data_ptr<float>() : nullptr,
+      stats ? part_sum.data_ptr<float>() : nullptr,
+      reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(), s);
+  MTP_EXT_CHECK_LAUNCH();
+  kc::launch_topk_merge(rows, chunks, kk, stats ? part_max.const_data_ptr<float>() : nullptr,
+                        stats ? part_sum.const_data_ptr<float>() : nullptr,
+                        reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
+                        cand_id.const_data_ptr<int32_t>(), mode, 1.0f,
+                        mode == kc::TopkOut::None ? nullptr : out_val.data_ptr<float>(),
+                        out_id.data_ptr<int64_t>(), nullptr, s);
+  MTP_EXT_CHECK_LAUNCH();
+  return true;
 }
 
 at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table) {

@@ -38,6 +38,21 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
               int64_t k, kc::TopkOut mode, const at::Tensor& out_val, const at::Tensor& out_id,
               const at::Tensor& row_max);
 
+// The full ranking of the rows of x: (keys [rows, V] int32, ids [rows, V] int64), contiguous, a
+// stable descending sort of the rank keys (NaN first, ties keep the lower id first).
+std::tuple<at::Tensor, at::Tensor> sorted_ranking(const at::Tensor& x, int64_t rows, int64_t vocab,
+                                                  kc::RowLayout layout);
+
+// The top-k of the rows of logits = z[rows, D] . table[V, D]^T (float32 products) by the streaming
+// kernel (unembed_kernels.cu), which reads the table once for all rows and never writes the
+// logits: out_val[rows, k] as `mode` says (LogProb or None; out_val may be undefined for None) and
+// out_id[rows, k] (int64), best first, ties toward the lower row of the table. Returns false, doing
+// nothing, where that kernel does not serve the sizes (more than kUnembedMaxRows rows, k > 64, a
+// depth not a multiple of 8, unaligned or non-contiguous table rows); the caller then computes the
+// logits and calls row_topk.
+bool unembed_topk(const at::Tensor& z, const at::Tensor& table, int64_t k, kc::TopkOut mode,
+                  const at::Tensor& out_val, const at::Tensor& out_id);
+
 // out[rows, N] (float32) = a[rows, K] (float32) . table[N, K]^T, the table read in its own dtype.
 at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table);
 

@@ -1,9 +1,12 @@
 // CUDA launchers of fused_mtp_heads and small_batch_linear.
 //
 // fused_mtp_heads: the heads' blocks x . weight[h]^T (each weight read once for all rows), the
-// residual SiLU + RMSNorm kernel, the unembedding of the N x H rows (lm_head read once, in its
-// dtype) into float32 logits, and the row top-k with log-softmax statistics over them. At more
-// than 256 rows the two products go through ATen (cuBLAS, float32).
+// residual SiLU + RMSNorm kernel, then the unembedding of the N x H rows with the top-k and
+// log-softmax. Up to 64 rows (k <= 64) one streaming kernel reads lm_head once, in its dtype, for
+// all rows, keeping a running top-k and log-sum-exp per row; the [N, H, V] logits are never
+// written (unembed_topk). Beyond that the logits are computed (lm_head read once per 64 rows, or
+// cuBLAS past 256 rows) and ranked by the row top-k. At more than 256 rows the heads' products go
+// through ATen (cuBLAS, float32) too.
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -17,12 +20,12 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
     double eps, const c10::optional<at::Tensor>& vocab_ids) {
-  check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  at::Tensor logprobs, ids;
+  std::tie(logprobs, ids) =
+      prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
   const int64_t vocab = lm_head.size(0);
-  at::Tensor logprobs = at::empty({n, heads, k}, hidden.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({n, heads, k}, hidden.options().dtype(at::kLong));
   const int64_t rows = n * heads;
   if (rows == 0) return {logprobs, ids};
 
@@ -54,9 +57,13 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
                            static_cast<float>(eps), n, heads, depth, y.data_ptr<float>(), stream());
   MTP_EXT_CHECK_LAUNCH();
 
-  const at::Tensor logits = rows_dot(y.view({rows, depth}), lm_head);  // [N * H, V] float32
-  row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, k, kc::TopkOut::LogProb,
-           logprobs.view({rows, k}), ids.view({rows, k}), at::Tensor());
+  const at::Tensor z = y.view({rows, depth});
+  if (!unembed_topk(z, lm_head, k, kc::TopkOut::LogProb, logprobs.view({rows, k}),
+                    ids.view({rows, k}))) {
+    const at::Tensor logits = rows_dot(z, lm_head);  // [N * H, V] float32
+    row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, k, kc::TopkOut::LogProb,
+             logprobs.view({rows, k}), ids.view({rows, k}), at::Tensor());
+  }
   if (vocab_ids.has_value()) ids = vocab_ids->take(ids);
   return {logprobs, ids};
 }

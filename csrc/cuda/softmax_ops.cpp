@@ -10,18 +10,14 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, int64_t k,
                                                      double temperature) {
-  check_softmax_topk(logits, k, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const int64_t vocab = logits.size(-1);
-  auto out_shape = logits.sizes().vec();
-  out_shape.back() = k;
-  at::Tensor probs = at::empty(out_shape, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty(out_shape, logits.options().dtype(at::kLong));
-  const int64_t rows = vocab == 0 ? 0 : logits.numel() / vocab;
+  at::Tensor probs, ids;
+  std::tie(probs, ids) = prepare_softmax_topk(logits, k, temperature);
+  const int64_t vocab = logits.size(-1), rows = logits.numel() / vocab;  // V >= k >= 1
   if (rows == 0) return {probs, ids};
   const at::Tensor x = logits.reshape({rows, vocab});
-  const float scale = static_cast<float>(1.0 / temperature);
-  row_topk(x, rows, vocab, rows_layout(x), scale, k, kc::TopkOut::Prob, probs, ids, at::Tensor());
+  row_topk(x, rows, vocab, rows_layout(x), static_cast<float>(1.0 / temperature), k,
+           kc::TopkOut::Prob, probs, ids, at::Tensor());
   return {probs, ids};
 }
 
@@ -71,8 +67,7 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_
                                                          const at::Tensor& weights, int64_t m,
                                                          bool renormalize) {
   const char* op = "mtp_ext.topk_marginalize";
-  check_marginalize(next_logits, weights, op);
-  check_k(m, next_logits.size(2), op, "m");
+  check_topk_marginalize(next_logits, weights, m);
   const c10::cuda::CUDAGuard guard(next_logits.device());
   if (value_checks_enabled()) check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);

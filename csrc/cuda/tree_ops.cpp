@@ -1,5 +1,9 @@
 // CUDA launchers of verify_tree, verify_tree_from_hidden, tree_attention_mask and compact_kv.
 //
+// verify_tree_from_hidden normalizes the B x T rows, then (up to 64 rows) streams lm_head once with
+// a running argmax per row (unembed_topk), never writing the [B, T, V] logits; more rows compute
+// the logits and take the row top-1. Both then walk the trees as verify_tree does.
+//
 // verify_tree computes the target token of every node (argmax: the row top-1; sampling: a scan in
 // id order after the top-k / top-p cut, from the row top-k for top_k <= 64 or from a sorted
 // ranking otherwise), then walks each row's tree in one thread. Everything stays on the device.
@@ -70,13 +74,8 @@ void sample_targets(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLay
   }
   // The full ranking: a stable descending sort of the rank keys, the top-k / top-p cut on it, then
   // the scan over the kept tokens.
-  at::Tensor keys = at::empty({rows, vocab}, x.options().dtype(at::kInt));
-  kc::launch_rank_keys(x.const_data_ptr(), storage_type(x), rows, vocab, layout,
-                       keys.data_ptr<int32_t>(), s);
-  MTP_EXT_CHECK_LAUNCH();
-  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/-1, /*descending=*/true);
-  const at::Tensor sorted_keys = std::get<0>(sorted).contiguous();
-  const at::Tensor sorted_ids = std::get<1>(sorted).contiguous();
+  at::Tensor sorted_keys, sorted_ids;
+  std::tie(sorted_keys, sorted_ids) = sorted_ranking(x, rows, vocab, layout);
   at::Tensor keep_key = at::empty({rows}, x.options().dtype(at::kInt));
   at::Tensor keep_id = at::empty({rows}, x.options().dtype(at::kLong));
   kc::launch_nucleus_from_sorted(rows, vocab, sorted_keys.const_data_ptr<int32_t>(),
@@ -134,9 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cuda(
                           static_cast<float>(eps), rows, depth, z.data_ptr<float>(), stream());
       MTP_EXT_CHECK_LAUNCH();
     }
-    const at::Tensor logits = rows_dot(z, lm_head);  // [B * T, V] float32
-    row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, 1, kc::TopkOut::None, at::Tensor(),
-             targets.view({rows, 1}), at::Tensor());
+    // Up to 64 rows: the argmax streamed over lm_head, the logits never written.
+    if (!unembed_topk(z, lm_head, 1, kc::TopkOut::None, at::Tensor(), targets.view({rows, 1}))) {
+      const at::Tensor logits = rows_dot(z, lm_head);  // [B * T, V] float32
+      row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, 1, kc::TopkOut::None, at::Tensor(),
+               targets.view({rows, 1}), at::Tensor());
+    }
   }
   return walk(draft_tokens, par, targets);
 }
@@ -145,11 +147,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_mask_cuda(const at::Tensor& pa
                                                             int64_t prefix_len,
                                                             c10::optional<at::ScalarType> dtype) {
   const char* op = "mtp_ext.tree_attention_mask";
-  check_parents_shape(parents, op);
-  TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
-  const at::ScalarType mask_dtype = dtype.value_or(at::kFloat);
-  TORCH_CHECK_TYPE(at::isFloatingType(mask_dtype), op, ": dtype must be a floating dtype, got ",
-                   mask_dtype);
+  const at::ScalarType mask_dtype = check_tree_attention_mask(parents, prefix_len, dtype);
   const c10::cuda::CUDAGuard guard(parents.device());
   const at::Tensor par = parents.contiguous();
   check_parents_values(par, op);

@@ -381,6 +381,88 @@ __device__ void block_topk(const uint32_t* keys, int n, int k, IdOf id_of, uint3
   __syncthreads();
 }
 
+// First element of row `row` of a [rows, V] view (see RowLayout).
+__device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t row) {
+  return (row / l.inner) * l.outer_stride + (row % l.inner) * l.inner_stride;
+}
+
+// Calls f(i, x[i * stride]) (as float) for i in [0, n), the block's threads taking turns: eight
+// consecutive elements per 16-byte load where the row is contiguous and 16-byte aligned, then the
+// tail (or a strided row) one element at a time. Each thread sees its elements in ascending order.
+template <int THREADS, typename T, typename F>
+__device__ __forceinline__ void block_for_each(const T* p, int n, int64_t stride, F&& f) {
+  int done = 0;
+  if (stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0) {
+    const int n8 = n / 8 * 8;
+    for (int i = threadIdx.x * 8; i < n8; i += THREADS * 8) {
+      float v[8];
+      load8(p + i, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f(i + j, v[j]);
+    }
+    done = n8;
+  }
+#pragma unroll 4
+  for (int i = done + threadIdx.x; i < n; i += THREADS)
+    f(i, load_f(p + static_cast<int64_t>(i) * stride));
+}
+
+// One term of block_first_hit: its mass and whether it may be the hit.
+struct ScanTerm {
+  double mass;
+  bool eligible;
+};
+
+// The smallest i in [0, n) with hit(term(i), before_i), where before_i is the sum of the masses of
+// the terms before i (double, summed tile by tile: THREADS * PER consecutive terms per tile, PER
+// per thread, a block scan between threads); n when there is none. term(i) is only called for
+// i < n. Every thread of the block calls it and gets the result. dscratch / iscratch: THREADS / 32
+// entries each.
+template <int THREADS, int PER, typename Term, typename Hit>
+__device__ int64_t block_first_hit(int64_t n, double* dscratch, int64_t* iscratch, Term&& term,
+                                   Hit&& hit) {
+  double carry = 0.0;
+  for (int64_t tile = 0; tile < n; tile += int64_t(THREADS) * PER) {
+    ScanTerm t[PER];
+    double local = 0.0;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int64_t i = tile + int64_t(threadIdx.x) * PER + j;
+      t[j] = i < n ? term(i) : ScanTerm{0.0, false};
+      local += t[j].mass;
+    }
+    double tile_total;
+    double before = carry + block_exclusive_scan<THREADS>(local, dscratch, &tile_total);
+    int64_t found = n;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int64_t i = tile + int64_t(threadIdx.x) * PER + j;
+      if (found == n && i < n && hit(t[j], before)) found = i;
+      before += t[j].mass;
+    }
+    found = block_min_i64<THREADS>(found, iscratch);
+    if (found < n) return found;
+    carry += tile_total;
+  }
+  return n;
+}
+
+// Calls f(T{}) with T = float, f16 or bf16 matching the storage type (host side).
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32:
+      f(float{});
+      break;
+    case DType::F16:
+      f(f16{});
+      break;
+    case DType::BF16:
+      f(bf16{});
+      break;
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of at most 65535 in y / z: rows beyond that are looped over by the kernels.

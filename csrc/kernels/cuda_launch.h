@@ -95,6 +95,32 @@ void launch_marginal_topk_partial(const void* x, DType dtype, int64_t batch, int
                                   const float* row_max, int m, uint32_t* cand_key,
                                   int32_t* cand_id, cudaStream_t stream);
 
+// ---- Decode-size unembedding with a running top-k (unembed_kernels.cu) --------------------------
+// logits[r, v] = z[r] . table[v] for at most kUnembedMaxRows float32 rows, streamed once over the
+// table with a running top-k and softmax statistics per row; the logits are never written. Pass 1
+// writes, per row and block of the vocabulary, exactly what launch_topk_partial writes (part_max /
+// part_sum [rows, chunks], cand_key / cand_id [rows, chunks, k]; part_max null: no statistics);
+// launch_topk_merge (scale 1) finishes. About the table's bytes once plus rows * chunks * (8 + 8k)
+// written and read back.
+constexpr int64_t kUnembedMaxRows = 64;
+
+// Whether the streaming path serves these sizes: 1 <= rows <= kUnembedMaxRows, 1 <= k <=
+// kTopkMaxK, k <= vocab < 2^31 - 128, depth a multiple of 8 and 16-byte aligned table rows (w and
+// w_row_stride); z itself must be 16-byte aligned (the caller's part).
+bool unembed_topk_fits(int64_t rows, int64_t depth, const void* w, DType dtype,
+                       int64_t w_row_stride, int64_t vocab, int k);
+
+// The number of vocabulary blocks (chunks) of pass 1: a few per SM of the current device, at most
+// kTopkMaxMerge / k (what the merge accepts), each a whole number of 128-row tiles.
+int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k);
+
+// Pass 1. z: [rows, depth] float32 contiguous, 16-byte aligned; w: [vocab, depth] of `dtype`, rows
+// w_row_stride apart (elements contiguous); chunks from unembed_topk_chunks.
+void launch_unembed_topk_partial(const float* z, int64_t rows, int64_t depth, const void* w,
+                                 DType dtype, int64_t w_row_stride, int64_t vocab, int k,
+                                 int64_t chunks, float* part_max, float* part_sum,
+                                 uint32_t* cand_key, int32_t* cand_id, cudaStream_t stream);
+
 // ---- Dense pieces (dense_kernels.cu) -----------------------------------------------------------
 // out[g][r, v] = sum_d a[g][r, d] * w[g][v, d] in float32 for g < groups: a float32 with rows
 // a_row_stride apart (elements of a row contiguous), w of `dtype` with rows w_row_stride apart

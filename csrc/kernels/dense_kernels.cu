@@ -191,17 +191,7 @@ void launch_rows_dot_table(const float* a, int64_t rows, int64_t depth, int64_t 
                         w_group_stride, out, out_row_stride, out_group_stride, groups, stream);
     }
   };
-  switch (dtype) {
-    case DType::F32:
-      go(float{});
-      break;
-    case DType::F16:
-      go(f16{});
-      break;
-    case DType::BF16:
-      go(bf16{});
-      break;
-  }
+  dispatch(dtype, go);
 }
 
 void launch_head_features(const float* x, const float* y, const float* bias,

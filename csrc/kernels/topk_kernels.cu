@@ -15,10 +15,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t row) {
-  return (row / l.inner) * l.outer_stride + (row % l.inner) * l.inner_stride;
-}
-
 // Shared state of the partial kernels.
 struct PartialShared {
   uint32_t keys[kTopkChunk];
@@ -57,27 +53,10 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(
   for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const T* p = x + row_offset(layout, row) + begin * layout.v_stride;
     Stats st = stats_empty();
-    const bool vec = layout.v_stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0;
-    int done = 0;
-    if (vec) {
-      const int n8 = n / 8 * 8;
-      for (int i = threadIdx.x * 8; i < n8; i += kThreads * 8) {
-        float v[8];
-        load8(p + i, v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          stats_add(st, v[j], scale);
-          if (k > 0) sh.keys[i + j] = rank_key(v[j]);
-        }
-      }
-      done = n8;
-    }
-#pragma unroll 4
-    for (int i = done + threadIdx.x; i < n; i += kThreads) {
-      const float v = load_f(p + static_cast<int64_t>(i) * layout.v_stride);
+    block_for_each<kThreads>(p, n, layout.v_stride, [&](int i, float v) {
       stats_add(st, v, scale);
       if (k > 0) sh.keys[i] = rank_key(v);
-    }
+    });
     st = block_stats<kThreads>(st, scale, sh.scratch);
     if (threadIdx.x == 0 && part_max != nullptr) {
       part_max[row * chunks + chunk] = st.max;
@@ -113,20 +92,8 @@ __global__ void __launch_bounds__(kThreads) marginal_topk_partial_kernel(
       if (c != 0.0f) {
         const float mx = row_max[b * paths + l];
         const T* p = x + row_offset(layout, b * paths + l) + begin * layout.v_stride;
-        const bool vec = layout.v_stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0;
-        int done = 0;
-        if (vec) {
-          const int n8 = n / 8 * 8;
-          for (int i = threadIdx.x * 8; i < n8; i += kThreads * 8) {
-            float v[8];
-            load8(p + i, v);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s_acc[i + j] += c * expf(v[j] - mx);
-          }
-          done = n8;
-        }
-        for (int i = done + threadIdx.x; i < n; i += kThreads)
-          s_acc[i] += c * expf(load_f(p + static_cast<int64_t>(i) * layout.v_stride) - mx);
+        block_for_each<kThreads>(p, n, layout.v_stride,
+                                 [&](int i, float v) { s_acc[i] += c * expf(v - mx); });
       }
       __syncthreads();  // the next path may split the chunk between threads differently
     }
@@ -273,21 +240,6 @@ __global__ void __launch_bounds__(kThreads) marginalize_kernel(
       const int64_t i = begin + j * kThreads + threadIdx.x;
       if (i < vocab) out[b * vocab + i] = acc[j];
     }
-  }
-}
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(f16{});
-      break;
-    case DType::BF16:
-      f(bf16{});
-      break;
   }
 }
 

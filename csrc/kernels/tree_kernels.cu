@@ -11,10 +11,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t row) {
-  return (row / l.inner) * l.outer_stride + (row % l.inner) * l.inner_stride;
-}
-
 __global__ void walk_tree_kernel(const int64_t* __restrict__ draft,
                                  const int64_t* __restrict__ parents, int64_t parents_row_stride,
                                  const int64_t* __restrict__ targets, int64_t batch, int64_t nodes,
@@ -65,36 +61,15 @@ __global__ void __launch_bounds__(kThreads) sample_scan_kernel(
     const double total = block_sum<kThreads>(mass, dscratch);
     const int64_t last_kept = block_max_i64<kThreads>(last, iscratch);
     const double threshold = static_cast<double>(u[row]) * total;
-    double carry = 0.0;
-    int64_t found = vocab;
-    for (int64_t tile = 0; tile < vocab; tile += int64_t(kThreads) * kPer) {
-      double prob[kPer];
-      bool keep[kPer];
-      double local = 0.0;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const int64_t i = tile + int64_t(tid) * kPer + j;
-        prob[j] = 0.0;
-        keep[j] = false;
-        if (i < vocab) {
+    // The first kept token whose cumulative mass exceeds the threshold.
+    const int64_t found = block_first_hit<kThreads, kPer>(
+        vocab, dscratch, iscratch,
+        [&](int64_t i) {
           const float v = load_f(p + i * sv);
-          keep[j] = kept(i, v);
-          if (keep[j]) prob[j] = static_cast<double>(expf((v - mx) * scale));
-        }
-        local += prob[j];
-      }
-      double tile_total;
-      double cum = carry + block_exclusive_scan<kThreads>(local, dscratch, &tile_total);
-      int64_t hit = vocab;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        cum += prob[j];
-        if (hit == vocab && keep[j] && cum > threshold) hit = tile + int64_t(tid) * kPer + j;
-      }
-      found = block_min_i64<kThreads>(hit, iscratch);
-      if (found < vocab) break;
-      carry += tile_total;
-    }
+          const bool keep = kept(i, v);
+          return ScanTerm{keep ? static_cast<double>(expf((v - mx) * scale)) : 0.0, keep};
+        },
+        [&](const ScanTerm& t, double before) { return t.eligible && before + t.mass > threshold; });
     if (tid == 0) target[row] = found < vocab ? found : last_kept;
     __syncthreads();
   }
@@ -124,34 +99,15 @@ __global__ void __launch_bounds__(kThreads) nucleus_from_sorted_kernel(
     int64_t keep = limit;
     if (top_p < 1.0f) {
       // keep = the smallest j in [1, limit) whose mass ranked before it, S_j, is not < top_p.
-      double carry = 0.0;
-      for (int64_t tile = 0; tile < limit; tile += int64_t(kThreads) * kPer) {
-        double term[kPer];
-        double local = 0.0;
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          const int64_t r = tile + int64_t(tid) * kPer + j;
-          term[j] = r < limit
-                        ? static_cast<double>(expf((key_value(unsigned_key(keys[r])) - mx) * scale)) / mass
-                        : 0.0;
-          local += term[j];
-        }
-        double tile_total;
-        double before = carry + block_exclusive_scan<kThreads>(local, dscratch, &tile_total);
-        int64_t hit = limit;
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) {
-          const int64_t r = tile + int64_t(tid) * kPer + j;
-          if (hit == limit && r >= 1 && r < limit && !(before < static_cast<double>(top_p))) hit = r;
-          before += term[j];
-        }
-        const int64_t found = block_min_i64<kThreads>(hit, iscratch);
-        if (found < limit) {
-          keep = found;
-          break;
-        }
-        carry += tile_total;
-      }
+      keep = block_first_hit<kThreads, kPer>(
+          limit, dscratch, iscratch,
+          [&](int64_t r) {
+            const float v = key_value(unsigned_key(keys[r]));
+            return ScanTerm{static_cast<double>(expf((v - mx) * scale)) / mass, r >= 1};
+          },
+          [&](const ScanTerm& t, double before) {
+            return t.eligible && !(before < static_cast<double>(top_p));
+          });
     }
     if (tid == 0) {
       keep_key[row] = keys[keep - 1];
@@ -291,21 +247,6 @@ __global__ void compact_kv_kernel(char* base, int64_t batch, int64_t heads, int6
     for (int q = 0; q < kGroup; ++q) {
       if (src[q] >= 0) *reinterpret_cast<W*>(head + (prefix_len + j0 + q) * seq_stride) = buf[q];
     }
-  }
-}
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(f16{});
-      break;
-    case DType::BF16:
-      f(bf16{});
-      break;
   }
 }
 
