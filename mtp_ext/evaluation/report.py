@@ -175,7 +175,10 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
             if best != layers[-1]:
                 methods.append((f"head, layer {best}", dict(method="head_frozen", layer=best)))
         for m in sorted({r["method"] for r in rs if r["method"].startswith("head_") and r["method"] != "head_frozen"}):
-            methods.append((m.removeprefix("head_"), dict(method=m)))
+            label = m.removeprefix("head_")
+            if label == "shipped":
+                label = "shipped (conditioned: sees x_t+1)"
+            methods.append((label, dict(method=m)))
         if not methods:
             continue
         fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(methods) * 1.2), 4))
