@@ -100,9 +100,8 @@ echo "build_cuda.sh: built after $((SECONDS - start)) s"
 # 3. Import it and run the no-GPU checks, from the build copy.
 "$PY" - <<'EOF'
 import torch
-import mtp_ext  # noqa: F401
-ops = ["softmax_topk", "marginalize", "topk_marginalize", "fused_mtp_heads", "verify_tree",
-       "tree_attention_mask", "verify_tree_from_hidden", "small_batch_linear", "compact_kv"]
+import mtp_ext
+ops = mtp_ext.ops.__all__
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"mtp_ext::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"

@@ -15,17 +15,7 @@ import torch
 
 import mtp_ext  # noqa: F401  (registers the ops)
 
-OPS = [
-    "softmax_topk",
-    "marginalize",
-    "topk_marginalize",
-    "fused_mtp_heads",
-    "verify_tree",
-    "tree_attention_mask",
-    "verify_tree_from_hidden",
-    "small_batch_linear",
-    "compact_kv",
-]
+OPS = list(mtp_ext.ops.__all__)  # every public op needs a CUDA kernel
 
 
 def has_cuda_kernel(op: str) -> bool:

@@ -463,6 +463,44 @@ void dispatch(DType dtype, F&& f) {
   }
 }
 
+// The register tiles of a [RB, 128] float32 product staged in shared memory (rows_dot_table and
+// the decode-size unembedding): with 16 x 16 threads, thread (tx, ty) holds rows ty * RB / 16 ..
+// and the 8 columns tile_column(tx, j) of the tile. tile_fma adds one stage of DK depth elements:
+// acc[i][j] += as[d][row i] * ws[d][column j] for d < DK.
+__device__ __forceinline__ int tile_column(int tx, int j) {
+  return j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4);
+}
+
+template <int RB, int DK, int WS>
+__device__ __forceinline__ void tile_fma(const float (&as)[DK][RB], const float (&ws)[DK][WS],
+                                         int tx, int ty, float (&acc)[RB / 16][8]) {
+  constexpr int TR = RB / 16;
+#pragma unroll 8
+  for (int d = 0; d < DK; ++d) {
+    float av[TR];
+    if constexpr (TR % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < TR; i += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(&as[d][ty * TR + i]);
+        av[i] = q.x;
+        av[i + 1] = q.y;
+        av[i + 2] = q.z;
+        av[i + 3] = q.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < TR; ++i) av[i] = as[d][ty * TR + i];
+    }
+    const float4 w0 = *reinterpret_cast<const float4*>(&ws[d][tile_column(tx, 0)]);
+    const float4 w1 = *reinterpret_cast<const float4*>(&ws[d][tile_column(tx, 4)]);
+    const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+    for (int i = 0; i < TR; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of at most 65535 in y / z: rows beyond that are looped over by the kernels.

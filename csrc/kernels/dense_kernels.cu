@@ -74,30 +74,7 @@ __global__ void __launch_bounds__(kDotThreads) rows_dot_table_kernel(
       }
     }
     __syncthreads();
-#pragma unroll 8
-    for (int d = 0; d < kDK; ++d) {
-      float av[TR];
-      if constexpr (TR % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < TR; i += 4) {
-          const float4 q = *reinterpret_cast<const float4*>(&as[d][ty * TR + i]);
-          av[i] = q.x;
-          av[i + 1] = q.y;
-          av[i + 2] = q.z;
-          av[i + 3] = q.w;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < TR; ++i) av[i] = as[d][ty * TR + i];
-      }
-      const float4 w0 = *reinterpret_cast<const float4*>(&ws[d][tx * 4]);
-      const float4 w1 = *reinterpret_cast<const float4*>(&ws[d][64 + tx * 4]);
-      const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-      for (int i = 0; i < TR; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
-    }
+    tile_fma<RB, kDK, kVB + 4>(as, ws, tx, ty, acc);
     __syncthreads();
   }
 #pragma unroll
@@ -106,7 +83,7 @@ __global__ void __launch_bounds__(kDotThreads) rows_dot_table_kernel(
     if (r >= rows) continue;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t v = v0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+      const int64_t v = v0 + tile_column(tx, j);
       if (v < table_rows) out[r * out_row_stride + v] = acc[i][j];
     }
   }

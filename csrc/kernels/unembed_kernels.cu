@@ -261,30 +261,7 @@ __global__ void __launch_bounds__(kUThreads) unembed_topk_partial_kernel(
       load_stage<T, RB>(z, rows, depth, w, w_row_stride, v_begin + next_tile * kUVB, v_end,
                         next_ds * kUDK, zr, wr);
     }
-#pragma unroll 8
-    for (int d = 0; d < kUDK; ++d) {
-      float av[TR];
-      if constexpr (TR % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < TR; i += 4) {
-          const float4 q = *reinterpret_cast<const float4*>(&sh.zs[d][ty * TR + i]);
-          av[i] = q.x;
-          av[i + 1] = q.y;
-          av[i + 2] = q.z;
-          av[i + 3] = q.w;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < TR; ++i) av[i] = sh.zs[d][ty * TR + i];
-      }
-      const float4 w0 = *reinterpret_cast<const float4*>(&sh.ws[d][tx * 4]);
-      const float4 w1 = *reinterpret_cast<const float4*>(&sh.ws[d][64 + tx * 4]);
-      const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-      for (int i = 0; i < TR; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], wv[j], acc[i][j]);
-    }
+    tile_fma<RB, kUDK, kUVB + 4>(sh.zs, sh.ws, tx, ty, acc);
     __syncthreads();  // the next iteration overwrites the stage
     if (ds != depth_stages - 1) continue;
 
@@ -298,7 +275,7 @@ __global__ void __launch_bounds__(kUThreads) unembed_topk_partial_kernel(
       uint32_t pending = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int64_t v = v0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+        const int64_t v = v0 + tile_column(tx, j);
         const float x = acc[i][j];
         key[j] = rank_key(x);
         cid[j] = static_cast<int32_t>(v);
