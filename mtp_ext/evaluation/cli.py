@@ -70,11 +70,10 @@ def add_parser(sub) -> None:
 
 def build_config(args: argparse.Namespace):
     """The :class:`EvalConfig` the arguments ask for."""
+    from .samples import DATASETS
     from .study import EvalConfig, quick_config
 
     datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
-    from .samples import DATASETS
-
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown:
         raise SystemExit(f"mtp-ext eval: unknown dataset(s) {unknown}; known: {list(DATASETS)}")

@@ -21,10 +21,11 @@ splits) and scored by :func:`score_heads` on the evaluation samples like every o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import sys
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -34,6 +35,7 @@ from ..heads import MTPHeads
 from ..reference import stable_topk
 from ..train import TrainConfig, build_cache, select_layer, train_heads
 from .marginal import scored_positions
+from .progress import log
 from .samples import Sample
 from .tally import Key, Tally, hits
 
@@ -107,11 +109,6 @@ def _train_config(cfg: HeadStudyConfig, progress: bool, **over) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"eval: {msg}", file=sys.stderr, flush=True)
-
-
 def train_head_sets(
     model,
     train_ids: torch.Tensor,
@@ -130,10 +127,10 @@ def train_head_sets(
                                        draft_vocab_size=cfg.draft_vocab)
         tc = _train_config(cfg, progress)
         t0 = time.perf_counter()
-        with _warnings_quiet():
+        with _without_cache_size_warning():
             train_cache = build_cache(model, whs_heads, train_ids, tc, "train")
             val_cache = build_cache(model, whs_heads, val_ids, dataclasses.replace(tc, **quiet), "val")
-        _log(progress, f"cached all {n_layers + 1} hidden states of {train_ids.numel()} training "
+        log(progress, f"cached all {n_layers + 1} hidden states of {train_ids.numel()} training "
                        f"tokens in {time.perf_counter() - t0:.0f} s")
         for layer in layers:
             heads = MTPHeads.for_model(model, cfg.num_heads, cfg.kind, layer=int(layer),
@@ -144,32 +141,26 @@ def train_head_sets(
                         val_cache=select_layer(val_cache, int(layer)))
             out.append(TrainedHeads("head_frozen", int(layer), heads, model,
                                     train_s=time.perf_counter() - t0))
-            _log(progress, f"heads at layer {layer}: trained in {out[-1].train_s:.0f} s")
+            log(progress, f"heads at layer {layer}: trained in {out[-1].train_s:.0f} s")
         if cfg.whs:
             t0 = time.perf_counter()
             train_heads(model, None, whs_heads, train_ids, val_ids, tc,
                         train_cache=train_cache, val_cache=val_cache)
             out.append(TrainedHeads("head_whs", "whs", whs_heads, model,
                                     train_s=time.perf_counter() - t0))
-            _log(progress, f"WHS heads: trained in {out[-1].train_s:.0f} s")
+            log(progress, f"WHS heads: trained in {out[-1].train_s:.0f} s")
         del train_cache, val_cache
     for variant in cfg.joint_variants:
         out.append(_train_joint(model, train_ids, val_ids, cfg, variant, progress))
     return out
 
 
-class _warnings_quiet:
+@contextlib.contextmanager
+def _without_cache_size_warning():
     """Silences the all-layer cache size warning (the study asks for that cache on purpose)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="caching all")
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        yield
 
 
 def _train_joint(model, train_ids, val_ids, cfg: HeadStudyConfig, variant: str,
@@ -192,7 +183,7 @@ def _train_joint(model, train_ids, val_ids, cfg: HeadStudyConfig, variant: str,
         p.requires_grad_(False)
     res = TrainedHeads(f"head_{variant}", int(model.config.num_hidden_layers), heads, copy_,
                        ntp_method=f"ntp_{variant}", train_s=time.perf_counter() - t0)
-    _log(progress, f"joint variant {variant!r}: trained in {res.train_s:.0f} s")
+    log(progress, f"joint variant {variant!r}: trained in {res.train_s:.0f} s")
     return res
 
 

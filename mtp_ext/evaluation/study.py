@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -11,6 +10,7 @@ import torch
 
 from .head_study import HeadStudyConfig, TrainedHeads, score_heads, train_head_sets
 from .marginal import score_exact, score_marginal, score_ntp, scored_positions
+from .progress import bar as progress_bar, log
 from .samples import DATASETS, Sample, build_samples, load_items, training_windows
 from .tally import Tally
 
@@ -71,11 +71,6 @@ def _model_label(model) -> str:
     return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
 
-def _log(config: EvalConfig, msg: str) -> None:
-    if config.progress:
-        print(f"eval: {msg}", file=sys.stderr, flush=True)
-
-
 def _shipped(model) -> TrainedHeads | None:
     from ..shipped import SHIPPED_HEADS, load_heads
 
@@ -84,16 +79,6 @@ def _shipped(model) -> TrainedHeads | None:
         return None
     heads = load_heads(name, model)
     return TrainedHeads("head_shipped", int(model.config.num_hidden_layers), heads, model)
-
-
-def _bar(config: EvalConfig, total: int, desc: str):
-    if not config.progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="sample")
 
 
 @torch.inference_mode()
@@ -157,7 +142,7 @@ def evaluate(
         val_ids = training_windows(tokenizer, config.datasets, "validation",
                                    max(hc.seq_len, hc.val_tokens // len(config.datasets)),
                                    hc.seq_len, config.seed, items_for)
-        _log(config, f"heads study: {train_ids.numel()} training tokens, {val_ids.numel()} "
+        log(config.progress, f"heads study: {train_ids.numel()} training tokens, {val_ids.numel()} "
                      f"validation tokens")
         head_sets = train_head_sets(model, train_ids, val_ids, hc, config.progress)
         timing["heads_train_s"] = time.perf_counter() - t0
@@ -173,7 +158,7 @@ def evaluate(
         if not samples:
             raise ValueError(f"no samples of {dataset!r} ({config.split})")
         tally = Tally()
-        bar = _bar(config, len(samples), f"{name} {dataset}")
+        bar = progress_bar(config.progress, len(samples), f"{name} {dataset}")
         for i, sample in enumerate(samples):
             _score_sample(tally, model, sample, config, head_sets, i < config.exact_positions)
             if bar is not None:
@@ -182,7 +167,7 @@ def evaluate(
             bar.close()
         records += tally.records(model=name, dataset=dataset, split=config.split)
         timing[f"{dataset}_s"] = time.perf_counter() - t0
-        _log(config, f"{name} {dataset}: {len(samples)} samples in {timing[f'{dataset}_s']:.0f} s")
+        log(config.progress, f"{name} {dataset}: {len(samples)} samples in {timing[f'{dataset}_s']:.0f} s")
     timing["train_s_per_head_set"] = {f"{th.method}@{th.layer}": round(th.train_s, 1)
                                       for th in head_sets}
     cfg = dataclasses.asdict(config)
