@@ -12,19 +12,14 @@
 #    of the measured copy bandwidth) and writes cuda_ops.json and cuda_ops.md.
 #
 # Everything it writes goes to $OUT (default: bench/results/gpu-latest): the build and test logs,
-# nvidia-smi's view of the card and the benchmark table. It needs no network. Budget: about 8
-# minutes (each step has a time limit); it exits non-zero when a step fails, after running the rest.
+# nvidia-smi's view of the card and the benchmark table. It needs no network; the set-up it shares
+# with bench/device_generate.sh (paths, carried wheels and GGUF parts, the build) is in
+# bench/device_common.sh. Budget: about 8 minutes (each step has a time limit); it exits non-zero
+# when a step fails, after running the rest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results/gpu-latest}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-export PYTHONUNBUFFERED=1
+source bench/device_common.sh
 status=0
-start=$SECONDS
-step() { echo "== device_check: $* ($((SECONDS - start)) s)"; }
 
 step "machine"
 {
@@ -35,20 +30,7 @@ step "machine"
 } 2>&1 | tee "$OUT/machine.txt"
 
 step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-rm -f mtp_ext/_C*.so
-if ! timeout 240 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"
-  echo "device_check: the build failed (log: $OUT/build.log)"
-  exit 1
-fi
-grep -E -A3 "(warning|error)( #[0-9A-Za-z-]+)?:" "$OUT/build.log" | head -40 || true
-"$PY" - <<'PYEOF' || exit 1
-import torch
-import mtp_ext  # noqa: F401
-assert torch._C._dispatch_has_kernel_for_dispatch_key("mtp_ext::softmax_topk", "CUDA"), \
-    "the extension was built without its CUDA kernels"
-print("device_check: built with CUDA kernels; GPU:", torch.cuda.get_device_name())
-PYEOF
+build_extension || exit 1
 
 step "CUDA tests"
 MTP_EXT_CUDA_VALUE_CHECKS=1 timeout 210 "$PY" -m pytest tests -k "cuda" -q -p no:cacheprovider --continue-on-collection-errors \

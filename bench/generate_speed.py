@@ -1,14 +1,19 @@
 """Decoding speed on a real model: ``mtp_ext.generate`` against ``model.generate`` and
 transformers' prompt-lookup decoding, with identical-output checks.
 
-SmolLM2-135M (float32) with the shipped heads (or ``--heads DIR``), greedy, prompts cut from the
-validation split of several texts (prose, translation, code). For every prompt the methods run
-interleaved (one call each per round) and the table reports median tokens per second, the ratio
+SmolLM2-135M (float32 by default) with the shipped heads (or ``--heads DIR``), greedy, prompts cut
+from the validation split of several texts (prose, translation, code). For every prompt the methods
+run interleaved (one call each per round) and the table reports median tokens per second, the ratio
 to ``model.generate`` measured in the same rounds, the mean tokens per tree step, and whether the
 tokens equal ``model.generate``'s in every round. Then a left-padded batch of 4 and a sampling run.
 
     python bench/generate_speed.py                       # markdown on stdout
     python bench/generate_speed.py --json out.json --rounds 3 --tree 8
+    python bench/generate_speed.py --device cuda --prompts bench/prompts/smollm2.json
+
+``--save-prompts FILE`` writes the prompts' token ids, and ``--prompts FILE`` reads them instead of
+the texts (for machines where the texts are not installed). On CUDA every timed call ends with a
+device synchronization.
 """
 
 from __future__ import annotations
@@ -55,10 +60,28 @@ def prompts(tokenizer, per_text: int, length: int) -> list[tuple[str, torch.Tens
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
+    """``(fn(), seconds)``, the device's queued work included."""
+    _sync()
     start = time.perf_counter()
     result = fn()
+    _sync()
     return result, time.perf_counter() - start
+
+
+def save_prompts(path: str, ps: list[tuple[str, torch.Tensor]]) -> None:
+    with open(path, "w") as f:
+        json.dump([{"label": label, "ids": ids[0].tolist()} for label, ids in ps], f)
+
+
+def read_prompts(path: str) -> list[tuple[str, torch.Tensor]]:
+    with open(path) as f:
+        return [(p["label"], torch.tensor([p["ids"]], dtype=torch.long)) for p in json.load(f)]
 
 
 def bench_prompt(model, heads, ids, new_tokens: int, rounds: int, tree) -> dict:
@@ -98,7 +121,8 @@ def bench_batch(model, heads, batch_ids, new_tokens: int, rounds: int, tree, tok
         {"input_ids": [r.tolist() for r in batch_ids]}, padding=True, return_tensors="pt",
         padding_side="left",
     )
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    device = batch_ids[0].device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     kw = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=mask)
     th, tm, same, tps = [], [], True, []
     model.generate(ids, **kw)
@@ -120,7 +144,7 @@ def bench_sampling(model, heads, ids, new_tokens: int, rounds: int, tree) -> dic
         torch.manual_seed(r)
         ref, dt = timed(lambda: model.generate(ids, **kw))
         th.append(dt / (ref.shape[1] - ids.shape[1]))
-        gen = torch.Generator().manual_seed(r)
+        gen = torch.Generator(device=ids.device).manual_seed(r)
         out, dt = timed(lambda: mtp_ext.generate(model, ids, heads, tree=tree, generator=gen, return_dict_in_generate=True, **MTP_KW, **kw))
         tm.append(dt / int(out.new_tokens.sum()))
         tps.append(out.tokens_per_step)
@@ -131,9 +155,9 @@ def bench_sampling(model, heads, ids, new_tokens: int, rounds: int, tree) -> dic
 
 def markdown(rows, batch, sampling, meta) -> str:
     lines = [
-        f"SmolLM2-135M float32, {meta['threads']} threads, greedy, {meta['new_tokens']} new tokens, "
+        f"SmolLM2-135M {meta['dtype']}, {meta['where']}, greedy, {meta['new_tokens']} new tokens, "
         f"tree {meta['tree']}, heads {meta['heads']}, {meta['rounds']} interleaved rounds per prompt "
-        f"(medians); torch {meta['torch']}, {meta['cpu']}.",
+        f"(medians); torch {meta['torch']}, transformers {meta['transformers']}.",
         "",
         "| prompt | model.generate tok/s | prompt lookup tok/s | mtp_ext tok/s | mtp_ext / generate | prompt lookup / generate | tokens per step | identical |",
         "|---|---|---|---|---|---|---|---|",
@@ -174,16 +198,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lookup", type=int, default=None,
                    help="mtp_ext.generate's prompt_lookup_num_tokens (default: generate's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompts", default=None, help="read the prompts' token ids from this JSON file")
+    p.add_argument("--save-prompts", default=None, help="write the prompts' token ids to this file")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     if args.lookup is not None:
         MTP_KW["prompt_lookup_num_tokens"] = args.lookup
     tree = int(args.tree) if args.tree and args.tree.isdigit() else args.tree
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", getattr(torch, args.dtype))
+    model.to(device)
     heads = (MTPHeads.from_pretrained(args.heads, model) if args.heads
              else mtp_ext.load_heads("smollm2-135m", model))
-    ps = prompts(tokenizer, args.per_text, args.prompt_tokens)
+    ps = read_prompts(args.prompts) if args.prompts else prompts(tokenizer, args.per_text, args.prompt_tokens)
+    if args.save_prompts:
+        save_prompts(args.save_prompts, ps)
+    ps = [(label, ids.to(device)) for label, ids in ps]
     if tree is None:  # profile (or read the cached profile) before anything is timed
         from mtp_ext.tree_tuning import auto_tree
 
@@ -194,14 +228,22 @@ def main() -> None:
         for label, ids in ps:
             rows.append((label, bench_prompt(model, heads, ids, args.new_tokens, args.rounds, tree)))
             print(label, json.dumps(rows[-1]), flush=True)
-        firsts = [ids[0] for label, ids in ps if label.split("#")[0] in TEXTS][:: args.per_text]
+        firsts: dict[str, torch.Tensor] = {}  # the first prompt of each text
+        for label, ids in ps:
+            firsts.setdefault(label.split("#")[0], ids[0])
+        firsts = list(firsts.values())
         batch = bench_batch(model, heads, firsts, args.new_tokens, args.rounds, tree, tokenizer)
         print("batch", json.dumps(batch), flush=True)
         sampling = bench_sampling(model, heads, ps[0][1], args.new_tokens, args.rounds, tree)
         print("sampling", json.dumps(sampling), flush=True)
-    meta = {"threads": args.threads, "new_tokens": args.new_tokens, "tree": args.tree or "default",
+    import transformers
+
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{args.threads} threads on {platform.processor() or platform.machine()}")
+    meta = {"dtype": args.dtype, "where": where, "threads": args.threads,
+            "new_tokens": args.new_tokens, "tree": args.tree or "default",
             "heads": args.heads or "shipped", "rounds": args.rounds, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine()}
+            "transformers": transformers.__version__}
     print(markdown(rows, batch, sampling, meta))
     if args.json:
         with open(args.json, "w") as f:

@@ -74,13 +74,18 @@ def _package_file(package: str, relpath: str) -> Path | None:
 def model_file(name: str) -> Path:
     """Path of the GGUF file of a known model (chunks joined into the cache on first use).
 
-    Raises FileNotFoundError with the exact install command when a package is missing.
+    Without the model's package, a GGUF file of the expected name placed in ``cache_dir() /
+    "gguf"`` is used (machines without a package registry: copy the file there). Raises
+    FileNotFoundError with the exact install command when neither is there.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} or a folder path")
     asset = MODELS[name]
     found = [_package_file(package, relpath) for package, relpath in asset.parts]
     missing = [package for (package, _), path in zip(asset.parts, found) if path is None]
+    placed = cache_dir() / "gguf" / asset.filename
+    if missing and placed.is_file():
+        return placed
     if missing:
         raise FileNotFoundError(
             f"model {name!r} is not installed (package(s) {', '.join(missing)} not found); "

@@ -18,7 +18,8 @@ distribution. Each step:
 
 Rows of a batch accept different numbers of tokens: the cache keeps one length for all rows, and a
 per-row validity mask (left padding, and the slots a row did not fill in a step) goes into every
-attention mask. There is one host synchronization per step (the accepted counts).
+attention mask. There is one host synchronization per step: the accepted counts and tokens,
+read in one copy (:mod:`mtp_ext.tree_step` holds the step and its state).
 
 On CPU the backbone's linear layers run through :func:`mtp_ext.fast_cpu` (small-row kernels) during
 tree steps, which is what makes a tree of a few nodes cost about one plain step there.
@@ -35,9 +36,10 @@ import torch
 from . import ops as _kernel_ops
 from . import reference as _reference_ops
 from .cpu_linear import fast_cpu
-from .hf_compat import cache_kwarg, cache_layers
+from .hf_compat import cache_kwarg
 from .heads import MTPHeads
-from .trees import DynamicTree, StaticTree, TreeSpec, add_branch, build_tree, chain, lookup_draft
+from .tree_step import DecodeState, HostContexts, SlotTable, attention_window, heads_input, run_step
+from .trees import DynamicTree, StaticTree, TreeSpec, chain
 
 __all__ = ["generate", "MTPModel", "MTPGenerateOutput", "GenerationSettings"]
 
@@ -192,170 +194,6 @@ def _default_attention_mask(input_ids: torch.Tensor, settings: GenerationSetting
 
 
 # ----------------------------------------------------------------------------------------------
-# Backbone access
-# ----------------------------------------------------------------------------------------------
-
-
-def _backbone(model):
-    """The decoder stack that returns hidden states (``model.model`` for Llama, Qwen2, Gemma 3)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ValueError(f"{type(model).__name__} has no base model (decoder stack) to run trees on")
-    return base
-
-
-def _softcap(model) -> float | None:
-    cfg = getattr(model, "config", None)
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def _logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal LM's logits from its last hidden state (output layer, then any soft-capping)."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = _softcap(model)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _heads_input(heads: MTPHeads, out, index: torch.Tensor | None):
-    """What the heads read at one position per row: ``index [B]`` into the output's positions
-    (None: the last position)."""
-    def at(h):
-        if index is None:
-            return h[:, -1]
-        return h[torch.arange(h.shape[0], device=h.device), index]
-
-    if heads.config.reads_last:
-        return at(out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1])
-    return tuple(at(h) for h in out.hidden_states)
-
-
-# ----------------------------------------------------------------------------------------------
-# One decoding step
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _State:
-    """Per-call decoding state. ``kv_valid [B, S]`` bool: which cache slots each row may attend
-    to; ``kv_pos [B, S]`` int64: the position id of each slot (for sliding windows);
-    ``next_pos [B]``: the position id of each row's root; ``root [B]``: the last accepted
-    token; ``feature``: the heads' input at the position before the root; ``window``: the
-    model's sliding window (None without sliding-attention layers), read once per call."""
-
-    cache: Any
-    kv_valid: torch.Tensor
-    kv_pos: torch.Tensor
-    next_pos: torch.Tensor
-    root: torch.Tensor
-    feature: Any
-    window: int | None
-
-
-def _attention_layout(model) -> int | None:
-    """The sliding window of the model's sliding-attention layers, or None when every layer
-    attends fully; raises for layer types the loop does not handle."""
-    cfg = getattr(model, "config", None)
-    types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    unknown = types - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise NotImplementedError(f"mtp_ext.generate does not handle layer types {sorted(unknown)}")
-    if "sliding_attention" in types:
-        window = getattr(cfg, "sliding_window", None)
-        if not window:
-            raise ValueError("the model has sliding-attention layers but no config.sliding_window")
-        return int(window)
-    return None
-
-
-def _tree_mask(state: _State, parents: torch.Tensor, dtype, ops):
-    """The attention mask for a tree over the cache and the nodes' position ids ``[B, T]``:
-    ``[B, 1, T, S + T]`` additive, or, for models with sliding-window layers,
-    ``{"full_attention": ..., "sliding_attention": ...}`` (keys at least ``window`` positions
-    behind the query masked too)."""
-    kv_valid = state.kv_valid
-    B, S = kv_valid.shape
-    tree_mask, depths = ops.tree_attention_mask(parents, 0, dtype)  # [B, T, T], [B, T]
-    T = tree_mask.shape[-1]
-    neg = torch.finfo(dtype).min
-    pos = state.next_pos[:, None] + depths
-    prefix = torch.zeros(B, S, dtype=dtype, device=kv_valid.device)
-    prefix.masked_fill_(~kv_valid, neg)
-    full = torch.cat([prefix[:, None, :].expand(B, T, S), tree_mask], -1)[:, None]
-    window = state.window
-    if window is None:
-        return full, pos
-    # Tree nodes are at most T - 1 positions apart: only cache slots can fall out of the window.
-    far = (pos[:, :, None] - state.kv_pos[:, None, :]) >= window  # [B, T, S]
-    sliding = full.clone()
-    sliding[:, 0, :, :S].masked_fill_(far, neg)
-    return {"full_attention": full, "sliding_attention": sliding}, pos
-
-
-def _compact(cache, path: torch.Tensor, num_accepted: torch.Tensor, T: int, keep: int, ops) -> None:
-    """Moves each row's accepted path to the slots after the prefix and drops the rest of the
-    tree: every layer ends ``prefix + keep`` long (``keep = max accepted + 1``)."""
-    for layer in cache_layers(cache):
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            prefix = t.shape[-2] - T
-            ops.compact_kv(t, path, num_accepted, prefix)
-            setattr(layer, name, t[..., : prefix + keep, :])
-
-
-def _lookup_branch(contexts: list[torch.Tensor] | None, length: int) -> torch.Tensor | None:
-    """``[B, length]`` prompt-lookup drafts (-1 padded), or None when no row has a match."""
-    if not contexts or length <= 0:
-        return None
-    rows = [lookup_draft(c, length) for c in contexts]
-    if all(r is None for r in rows):
-        return None
-    return torch.stack([r if r is not None else c.new_full((length,), -1) for r, c in zip(rows, contexts)])
-
-
-def _step(model, heads, state: _State, spec: TreeSpec, settings, uniforms_fn, ops,
-          contexts=None, lookup: int = 0) -> tuple:
-    """One tree step; returns ``(num_accepted [B], tokens [B, T])`` on the model's device."""
-    tree = build_tree(heads, state.feature, state.root, spec)
-    branch = _lookup_branch(contexts, lookup)
-    if branch is not None:
-        tree = add_branch(tree, branch)
-    T = tree.size
-    dtype = heads.lm_head_weight.dtype
-    mask, pos = _tree_mask(state, tree.parents, dtype, ops)
-    base = _backbone(model)
-    out = base(
-        tree.tokens.clamp(min=0), attention_mask=mask, position_ids=pos, use_cache=True,
-        output_hidden_states=not heads.config.reads_last, **cache_kwarg(base, state.cache),
-    )
-    hidden = out.last_hidden_state
-    if settings.do_sample:
-        logits = _logits_from_hidden(model, hidden)
-        num_acc, tokens, path = ops.verify_tree(
-            tree.tokens, tree.parents, logits, settings.temperature, settings.top_k,
-            settings.top_p, uniforms_fn(tree.tokens.shape),
-        )
-    else:
-        # argmax is unchanged by soft-capping: the output layer alone decides greedy tokens.
-        num_acc, tokens, path = ops.verify_tree_from_hidden(
-            tree.tokens, tree.parents, hidden, model.get_output_embeddings().weight
-        )
-    amax = int(num_acc.max())  # the step's one host synchronization
-    _compact(state.cache, path, num_acc, T, amax + 1, ops)
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    last = path[rows, num_acc]
-    kept = torch.arange(amax + 1, device=tokens.device)[None]
-    state.kv_valid = torch.cat([state.kv_valid, kept <= num_acc[:, None]], 1)
-    state.kv_pos = torch.cat([state.kv_pos, state.next_pos[:, None] + kept], 1)
-    state.next_pos = state.next_pos + num_acc + 1
-    state.root = tokens[rows, num_acc]
-    state.feature = _heads_input(heads, out, last)
-    return num_acc, tokens, amax, tree, path
-
-
-# ----------------------------------------------------------------------------------------------
 # Output bookkeeping
 # ----------------------------------------------------------------------------------------------
 
@@ -370,7 +208,8 @@ class _Output:
         self.streamer = streamer
         self.eos = set(settings.eos_token_ids)
 
-    def emit(self, tokens: list[list[int]]) -> None:
+    def emit(self, tokens: list[list[int]]) -> list[list[int]]:
+        """Appends each row's new tokens up to its end; returns what each row took."""
         limit = self.settings.max_new_tokens
         pushed = []
         for b, new in enumerate(tokens):
@@ -390,6 +229,7 @@ class _Output:
                 width = max(len(p) for p in pushed)
                 pad = self.settings.pad_token_id if self.settings.pad_token_id is not None else 0
                 self.streamer.put(torch.tensor([p + [pad] * (width - len(p)) for p in pushed]))
+        return pushed
 
     @property
     def finished(self) -> bool:
@@ -473,7 +313,7 @@ def _prefill(model, heads, input_ids, attention_mask, cache):
         input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
         output_hidden_states=True, **cache_kwarg(model, cache),
     )
-    return out.logits[:, -1], _heads_input(heads, out, None), pos
+    return out.logits[:, -1], heads_input(heads, out, None), pos
 
 
 @torch.no_grad()
@@ -579,31 +419,28 @@ def generate(
             root_draft, parents1, logits[:, None], temp, settings.top_k, settings.top_p,
             uniforms((B, 1)) if settings.do_sample else None,
         )
-        state = _State(
-            cache=cache, kv_valid=attention_mask.bool(), kv_pos=prompt_pos,
+        state = DecodeState(
+            cache=cache, slots=SlotTable(attention_mask.bool(), prompt_pos),
             next_pos=attention_mask.long().sum(1),
-            root=first[:, 0], feature=feature, window=_attention_layout(model),
+            root=first[:, 0], feature=feature, window=attention_window(model),
         )
-        output.emit([[t] for t in first[:, 0].tolist()])
+        contexts = HostContexts(input_ids, attention_mask, settings.max_new_tokens) if lookup else None
+        taken = output.emit([[t] for t in first[:, 0].tolist()])
         patch = fast_cpu(model) if device.type == "cpu" else None
         try:
-            prompt_rows = [r[m.bool()] for r, m in zip(input_ids.cpu(), attention_mask.cpu())]
             while not output.finished:
-                active = torch.tensor([not d for d in output.done])
-                contexts = None
-                if lookup:
-                    contexts = [torch.cat([p, torch.tensor(r, dtype=torch.long)])
-                                for p, r in zip(prompt_rows, output.rows)]
-                num_acc, tokens, amax, drafted, path = _step(
-                    model, heads, state, spec, settings, uniforms, ops, contexts, lookup
-                )
+                active = [not d for d in output.done]
+                if contexts is not None:
+                    for b, new in enumerate(taken):
+                        if new:
+                            contexts.extend(b, new)
+                branch = contexts.lookup(lookup, active) if contexts is not None else None
+                res = run_step(model, heads, state, spec, settings, uniforms, ops, branch)
                 if on_step is not None:
-                    on_step(drafted, num_acc, path)
+                    on_step(res.tree, res.num_accepted, res.path)
                 steps += 1
-                accepted.append(num_acc.cpu().masked_fill(~active, -1))
-                emitted = tokens[:, : amax + 1].tolist()
-                na = num_acc.tolist()
-                output.emit([row[: n + 1] for row, n in zip(emitted, na)])
+                accepted.append([n if a else -1 for n, a in zip(res.accepted, active)])
+                taken = output.emit(res.emitted)
         finally:
             if patch is not None:
                 patch.restore()
@@ -614,7 +451,7 @@ def generate(
         return sequences
     seconds = time.perf_counter() - t_start
     new_tokens = torch.tensor([len(r) for r in output.rows], dtype=torch.long)
-    acc = torch.stack(accepted) if accepted else torch.zeros(0, B, dtype=torch.long)
+    acc = torch.tensor(accepted, dtype=torch.long).view(len(accepted), B)
     T = spec.size
     live = acc[acc >= 0]
     hist = torch.bincount(live, minlength=T)[:T]

@@ -35,6 +35,15 @@ __all__ = ["TreeProfile", "profile_tree_sizes", "auto_tree", "selection_ranks"]
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_WIDTH = 4
+# On a GPU a forward pass over 64 nodes costs about one over a single token for small models, so
+# larger trees are tried, with a width whose pool holds them (1 + 8 + 64 + ... nodes).
+GPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+GPU_WIDTH = 8
+
+
+def default_grid(device: torch.device) -> tuple[tuple[int, ...], int]:
+    """``(sizes, width)`` that :func:`auto_tree` profiles on ``device``."""
+    return (GPU_SIZES, GPU_WIDTH) if torch.device(device).type == "cuda" else (DEFAULT_SIZES, DEFAULT_WIDTH)
 
 
 @dataclasses.dataclass
@@ -141,9 +150,10 @@ def profile_tree_sizes(
 
 def _profile_key(model, heads: MTPHeads) -> str:
     lm = heads.lm_head_weight
+    card = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else ""
     h = hashlib.sha256()
     h.update(repr((
-        getattr(model.config, "_name_or_path", ""), type(model).__name__, str(lm.device),
+        getattr(model.config, "_name_or_path", ""), type(model).__name__, str(lm.device), card,
         str(lm.dtype), torch.get_num_threads(), heads.config.to_dict(), torch.__version__,
     )).encode())
     for p in heads.state_dict().values():
@@ -169,7 +179,8 @@ def auto_tree(
             return TreeProfile(**json.load(f)).tree()
     if progress:
         print("profiling draft tree sizes (once per model, device, dtype, heads and threads)")
-    profile = profile_tree_sizes(model, heads, input_ids, progress=progress)
+    sizes, width = default_grid(heads.lm_head_weight.device)
+    profile = profile_tree_sizes(model, heads, input_ids, sizes, width, progress=progress)
     os.makedirs(path.parent, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:

@@ -93,13 +93,16 @@ class StaticTree:
             self._levels.append((children, par, expanded, slot, r, int(r.max()) + 1))
         self._device_levels: dict = {}
 
-    def levels(self, device: torch.device) -> list:
-        """The per-depth index tensors on ``device`` (cached per device)."""
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """``(parents [T], depths [T], levels)`` on ``device``, copied once per device (drafting
+        then copies nothing from the host); ``levels`` holds the per-depth index tensors."""
         key = str(device)
         if key not in self._device_levels:
-            self._device_levels[key] = [
-                tuple(t.to(device) for t in lvl[:5]) + (lvl[5],) for lvl in self._levels
-            ]
+            self._device_levels[key] = (
+                self.parents.to(device),
+                self.depths.to(device),
+                [tuple(t.to(device) for t in lvl[:5]) + (lvl[5],) for lvl in self._levels],
+            )
         return self._device_levels[key]
 
     @property
@@ -155,8 +158,7 @@ def _build_static(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: St
     B, D = x.shape
     T = spec.size
     dev = x.device
-    parents = spec.parents.to(dev)
-    depths = spec.depths.to(dev)
+    parents, depths, levels = spec.on_device(dev)
     tokens = torch.empty(B, T, dtype=torch.long, device=dev)
     scores = torch.zeros(B, T, dtype=torch.float32, device=dev)
     tokens[:, 0] = root
@@ -166,7 +168,7 @@ def _build_static(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: St
     H = heads.config.num_heads
     if spec.max_depth > H:
         raise ValueError(f"the tree is {spec.max_depth} deep but the heads draft only {H} tokens")
-    for d, (children, par, expanded, slot, r, k) in enumerate(spec.levels(dev), start=1):
+    for d, (children, par, expanded, slot, r, k) in enumerate(levels, start=1):
         f, lp, ids = _expand(heads, d, in_feat[:, expanded], tokens[:, expanded], k)
         tokens[:, children] = ids[:, slot, r]
         scores[:, children] = scores[:, par] + lp[:, slot, r]
@@ -299,6 +301,9 @@ def add_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
     par = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
                      torch.arange(T, T + K - 1, dtype=torch.long, device=dev)])
     depth = torch.arange(1, K + 1, dtype=torch.long, device=dev)
+    if branch.device != dev and dev.type == "cuda":
+        # From pinned memory the copy is queued on the stream instead of waiting for it.
+        branch = branch.pin_memory().to(dev, non_blocking=True)
     return DraftTree(
         torch.cat([tree.tokens, branch.to(dev)], 1),
         torch.cat([tree.parents, par.expand(B, K)], 1),

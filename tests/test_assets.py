@@ -45,6 +45,19 @@ def test_missing_package_names_the_install_command(fake_chunks, monkeypatch):
         assets.model_file("fake")
 
 
+def test_file_placed_in_the_cache_serves_without_the_package(fake_chunks, monkeypatch):
+    parts = (("mtp_no_such_package", "data/model.bin"),)
+    monkeypatch.setitem(
+        assets.MODELS, "fake", assets.ModelAsset(parts=parts, filename="model.bin", install="pip install fake")
+    )
+    with pytest.raises(FileNotFoundError, match="pip install fake"):
+        assets.model_file("fake")
+    placed = fake_chunks / "cache" / "gguf" / "model.bin"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"copied by hand")
+    assert assets.model_file("fake") == placed
+
+
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         assets.model_file("nope")
