@@ -38,7 +38,7 @@ from . import reference as _reference_ops
 from .cpu_linear import fast_cpu
 from .hf_compat import cache_kwarg
 from .heads import MTPHeads
-from .tree_step import DecodeState, HostContexts, SlotTable, attention_window, heads_input, run_step
+from .tree_step import DecodeState, HostContexts, SlotTable, attention_window, features_for, run_step
 from .trees import DynamicTree, StaticTree, TreeSpec, chain
 
 __all__ = ["generate", "MTPModel", "MTPGenerateOutput", "GenerationSettings"]
@@ -304,16 +304,16 @@ def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpe
     )
 
 
-def _prefill(model, heads, input_ids, attention_mask, cache):
+def _prefill(model, input_ids, attention_mask, cache):
     """Runs the prompt as ``model.generate`` does; returns the last position's logits ``[B, V]``,
-    the heads' input there and the prompt's position ids ``[B, P]``."""
+    the output (with every hidden state) and the prompt's position ids ``[B, P]``."""
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 0)
     out = model(
         input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
         output_hidden_states=True, **cache_kwarg(model, cache),
     )
-    return out.logits[:, -1], heads_input(heads, out, None), pos
+    return out.logits[:, -1], out, pos
 
 
 @torch.no_grad()
@@ -410,7 +410,7 @@ def generate(
     cache = DynamicCache()
     steps, accepted = 0, []
     if settings.max_new_tokens > 0:
-        logits, feature, prompt_pos = _prefill(model, heads, input_ids, attention_mask, cache)
+        logits, prompt_out, prompt_pos = _prefill(model, input_ids, attention_mask, cache)
         # The first token: a one-node "tree" verified on the prompt's last logits.
         root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
         parents1 = torch.full((1,), -1, dtype=torch.long, device=device)
@@ -419,11 +419,14 @@ def generate(
             root_draft, parents1, logits[:, None], temp, settings.top_k, settings.top_p,
             uniforms((B, 1)) if settings.do_sample else None,
         )
+        slots = SlotTable(attention_mask.bool(), prompt_pos)
+        features = features_for(heads)
         state = DecodeState(
-            cache=cache, slots=SlotTable(attention_mask.bool(), prompt_pos),
-            next_pos=attention_mask.long().sum(1),
-            root=first[:, 0], feature=feature, window=attention_window(model),
+            cache=cache, slots=slots, next_pos=attention_mask.long().sum(1), root=first[:, 0],
+            feature=features.at_prompt(heads, prompt_out, slots), window=attention_window(model),
+            features=features,
         )
+        del prompt_out
         contexts = HostContexts(input_ids, attention_mask, settings.max_new_tokens) if lookup else None
         taken = output.emit([[t] for t in first[:, 0].tolist()])
         patch = fast_cpu(model) if device.type == "cpu" else None

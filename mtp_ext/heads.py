@@ -631,6 +631,7 @@ class MTPHeads(nn.Module):
         hidden_states,
         position_ids: torch.Tensor | None = None,
         state: TransformerDraftState | None = None,
+        attention_mask=None,
     ) -> torch.Tensor:
         """``"transformer"`` heads: each head's decoder block on the input sequence.
 
@@ -640,6 +641,11 @@ class MTPHeads(nn.Module):
                 past + S - 1``, ``past`` the number of positions cached in ``state``, 0 without).
             state: a :class:`TransformerDraftState` (:meth:`new_draft_state`): the ``S`` positions
                 attend to the cached ones and are appended to the caches.
+            attention_mask: instead of the causal mask, an additive ``[B, 1, S, past + S]`` mask of
+                the heads' dtype (0 = attend, ``finfo.min`` = masked; decoding masks padding and
+                rejected cache slots with it), or a dict with one such mask under
+                ``"full_attention"`` and ``"sliding_attention"``, picked per block by whether its
+                attention has a sliding window.
         Returns:
             ``[B, S, H, D]`` of the heads' parameter dtype: the blocks' outputs (residual streams,
             not normed; :meth:`unembed` gives the logits).
@@ -665,7 +671,16 @@ class MTPHeads(nn.Module):
         outs = []
         for h, block in enumerate(self.blocks):
             window = getattr(getattr(block, "self_attn", None), "sliding_window", None)
-            mask = _block_causal_mask(B, S, past, x.dtype, x.device, window)
+            if attention_mask is None:
+                mask = _block_causal_mask(B, S, past, x.dtype, x.device, window)
+            elif isinstance(attention_mask, dict):
+                mask = attention_mask["sliding_attention" if window else "full_attention"]
+            else:
+                mask = attention_mask
+            if tuple(mask.shape) != (B, 1, S, past + S):
+                raise ValueError(
+                    f"attention_mask must have shape [{B}, 1, {S}, {past + S}], got {list(mask.shape)}"
+                )
             cache = None if state is None else state.caches[h]
             out = block(
                 x,
@@ -782,6 +797,9 @@ class MTPHeads(nn.Module):
             features: ``[P, D]``; for ``depth = 1`` the heads' input (:meth:`select_input`), deeper
                 the ``features`` this method returned for the parent nodes (conditioned heads) or
                 the same input again (independent heads, which ignore the parents).
+                ``"transformer"`` heads: ``[P, H * D]``, every head's block output (see
+                :meth:`block_outputs`) at the position before the root, flattened; head ``depth``
+                reads its own ``D`` columns and the features pass on unchanged.
             tokens: ``[P]`` int64, the token each node carries (the parent's drafted token, the root
                 token at depth 1); required by conditioned heads, ignored by the others.
             k: children per node, ``1 <= k <= V`` (``<= N`` with a draft vocabulary).
@@ -790,19 +808,14 @@ class MTPHeads(nn.Module):
             features to pass at ``depth + 1`` and the top-``k`` children with full-vocabulary ids.
         """
         H, D = self.config.num_heads, self.config.hidden_size
-        if self.config.kind == "transformer":
-            raise NotImplementedError(
-                "draft_step is not available for kind='transformer' (its heads attend over the "
-                "sequence, not one feature per node); use draft(..., state=new_draft_state()) per "
-                "position instead"
-            )
         if not 1 <= depth <= H:
             raise ValueError(f"depth must be in [1, {H}], got {depth}")
         n_vocab = self.config.draft_vocab_size or self.config.vocab_size
         if not 1 <= k <= n_vocab:
             raise ValueError(f"k must be in [1, {n_vocab}], got {k}")
-        if features.dim() != 2 or features.shape[1] != D:
-            raise ValueError(f"features must have shape [P, {D}], got {list(features.shape)}")
+        width = H * D if self.config.kind == "transformer" else D
+        if features.dim() != 2 or features.shape[1] != width:
+            raise ValueError(f"features must have shape [P, {width}], got {list(features.shape)}")
         f = features.to(self._param_dtype)
         norm_w = self.norm_weight.to(f.dtype) if self._applies_norm else None
         eps = self.config.rms_norm_eps
@@ -816,6 +829,8 @@ class MTPHeads(nn.Module):
             if kind == "conditioned":
                 self._check_tokens(tokens, f.shape[:1], allow_per_head=False)
                 z = features = self._cond_feature(h, f, tokens)
+            elif kind == "transformer":
+                z = f[:, h * D : (h + 1) * D]
             else:  # linear
                 z = f @ self.weight[h].T
             w, b = z.new_zeros(1, D, D), None

@@ -19,7 +19,8 @@ from .heads import MTPHeads
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
 __all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "run_step", "heads_input",
-           "logits_from_hidden", "attention_window"]
+           "logits_from_hidden", "attention_window", "PointFeatures", "SequenceFeatures",
+           "features_for"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,13 +53,15 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def heads_input(heads: MTPHeads, out, index: torch.Tensor | None):
-    """What the heads read at one position per row: ``index [B]`` int64 into the output's
-    positions (None: the last position). A ``[B, D]`` tensor, or a tuple of them (one per hidden
-    state) for heads that read several layers."""
+    """What the heads read at some positions of a backbone output ``out``: ``index [B]`` int64
+    (one position per row: ``[B, D]``), ``[B, K]`` (``K`` per row: ``[B, K, D]``) or None (the
+    last position: ``[B, D]``). A tensor, or a tuple of them (one per hidden state) for heads
+    that read several layers."""
     def at(h):
         if index is None:
             return h[:, -1]
-        return h[torch.arange(h.shape[0], device=h.device), index]
+        rows = torch.arange(h.shape[0], device=h.device).view(-1, *([1] * (index.dim() - 1)))
+        return h[rows, index]
 
     if heads.config.reads_last:
         return at(out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1])
@@ -164,12 +167,98 @@ class HostContexts:
         return torch.stack([r if r is not None else blank for r in found])
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, q, k]`` bool -> ``[B, 1, q, k]`` additive mask (0 / ``finfo(dtype).min``)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sequence_mask(slots: SlotTable | None, new_valid: torch.Tensor, new_pos: torch.Tensor,
+                  dtype: torch.dtype, window: int | None):
+    """The additive mask of ``n`` new positions per row appended after the cache ``slots``
+    (None: an empty cache): each attends to the valid cache slots and, causally, to the valid new
+    positions. ``new_valid [B, n]`` bool, ``new_pos [B, n]`` int64 (position ids). Returns
+    ``[B, 1, n, S + n]``, or with a sliding ``window`` the dict ``{"full_attention": ...,
+    "sliding_attention": ...}`` whose second mask also hides keys ``window`` or more positions
+    behind the query."""
+    n = new_valid.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=new_valid.device).tril_()
+    allowed = causal[None] & new_valid[:, None, :]
+    key_pos = new_pos
+    if slots is not None:
+        S = slots.length
+        allowed = torch.cat([slots.valid[:, None, :].expand(-1, n, S), allowed], 2)
+        key_pos = torch.cat([slots.pos, new_pos], 1)
+    full = _additive(allowed, dtype)
+    if window is None:
+        return full
+    near = (new_pos[:, :, None] - key_pos[:, None, :]) < window
+    return {"full_attention": full, "sliding_attention": _additive(allowed & near, dtype)}
+
+
+class PointFeatures:
+    """What heads that read one position draft from: their input (:func:`heads_input`) at the
+    last accepted position of each row."""
+
+    def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
+        """After the prefill ``out`` over the prompt (``slots`` its cache slots)."""
+        return heads_input(heads, out, None)
+
+    def after_step(self, heads: MTPHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
+                   keep: int, slots: SlotTable, next_pos: torch.Tensor):
+        """After a tree step: ``out`` the backbone over the tree, ``path [B, T]`` /
+        ``num_acc [B]`` the verification, ``keep`` the slots each row adds, ``slots`` and
+        ``next_pos`` the cache as it was before the step."""
+        rows = torch.arange(path.shape[0], device=path.device)
+        return heads_input(heads, out, path[rows, num_acc])
+
+
+class SequenceFeatures:
+    """``"transformer"`` heads, whose blocks attend over the sequence: one key/value cache per
+    head (:class:`~mtp_ext.heads.TransformerDraftState`) mirrors the backbone's cache slot for
+    slot, so the same validity (padding, rejected nodes) masks both. After each step the blocks
+    run over the accepted path's positions (``keep`` per row, the invalid ones masked), and the
+    heads draft from their outputs at the last accepted position: ``[B, H, D]``."""
+
+    def __init__(self, heads: MTPHeads):
+        self.state = heads.new_draft_state()
+        windows = {getattr(getattr(b, "self_attn", None), "sliding_window", None) for b in heads.blocks}
+        windows.discard(None)
+        if len(windows) > 1:
+            raise ValueError(f"the heads' blocks have different sliding windows {sorted(windows)}")
+        self.window = int(windows.pop()) if windows else None
+
+    def _blocks(self, heads, x, new_valid, new_pos, slots):
+        dtype = next(heads.blocks.parameters()).dtype
+        mask = sequence_mask(slots, new_valid, new_pos, dtype, self.window)
+        return heads.block_outputs(x, position_ids=new_pos, state=self.state, attention_mask=mask)
+
+    def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
+        B, P = slots.valid.shape
+        index = torch.arange(P, device=slots.valid.device).expand(B, P)
+        z = self._blocks(heads, heads_input(heads, out, index), slots.valid, slots.pos, None)
+        return z[:, -1]
+
+    def after_step(self, heads: MTPHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
+                   keep: int, slots: SlotTable, next_pos: torch.Tensor):
+        kept = torch.arange(keep, device=path.device)[None]
+        x = heads_input(heads, out, path[:, :keep].clamp(min=0))  # -1 past a row's path: masked
+        z = self._blocks(heads, x, kept <= num_acc[:, None], next_pos[:, None] + kept, slots)
+        return z[torch.arange(path.shape[0], device=path.device), num_acc]
+
+
+def features_for(heads: MTPHeads):
+    """:class:`SequenceFeatures` for ``"transformer"`` heads, else :class:`PointFeatures`."""
+    return SequenceFeatures(heads) if heads.config.kind == "transformer" else PointFeatures()
+
+
 @dataclasses.dataclass
 class DecodeState:
     """Per-call decoding state: the model's key/value ``cache``; its ``slots``
     (:class:`SlotTable`); ``next_pos [B]`` int64, the position id of each row's root; ``root [B]``
-    int64, the last accepted token; ``feature``, the heads' input at the position before the root;
-    ``window``, the model's sliding window (None without sliding-attention layers)."""
+    int64, the last accepted token; ``feature``, what the heads draft from at the position before
+    the root; ``window``, the model's sliding window (None without sliding-attention layers);
+    ``features``, how ``feature`` follows the steps (:func:`features_for`)."""
 
     cache: Any
     slots: SlotTable
@@ -177,6 +266,7 @@ class DecodeState:
     root: torch.Tensor
     feature: Any
     window: int | None
+    features: Any = dataclasses.field(default_factory=PointFeatures)
 
 
 @dataclasses.dataclass
@@ -282,8 +372,9 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
     compact_cache(state.cache, path, num_acc, T, keep, ops)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     kept = torch.arange(keep, device=tokens.device)[None]
+    state.feature = state.features.after_step(heads, out, path, num_acc, keep, state.slots,
+                                              state.next_pos)
     state.slots.append(kept <= num_acc[:, None], state.next_pos[:, None] + kept)
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
-    state.feature = heads_input(heads, out, path[rows, num_acc])
     return StepResult(accepted, emitted, tree, num_acc, path)

@@ -246,14 +246,26 @@ def build_tree(
         heads: trained :class:`MTPHeads`.
         hidden_states: what the heads read at the position before the root, for each row: the
             backbone's ``hidden_states`` tuple with each element ``[B, D]``, or one ``[B, D]``
-            tensor for heads reading one layer.
+            tensor for heads reading one layer. ``"transformer"`` heads: their blocks' outputs
+            there, ``[B, H, D]`` (:meth:`MTPHeads.block_outputs` at that position).
         root_tokens: ``[B]`` int64, the last accepted token of each row (the root).
         spec: a :class:`StaticTree` or :class:`DynamicTree`.
     Returns:
         a :class:`DraftTree` with ``T = spec.size`` nodes per row (fewer for a dynamic tree whose
         expansions hold fewer candidates).
     """
-    x = heads.select_input(hidden_states)
+    if heads.config.kind == "transformer":
+        H, D = heads.config.num_heads, heads.config.hidden_size
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or tuple(
+            hidden_states.shape[1:]
+        ) != (H, D):
+            raise ValueError(
+                f"transformer heads draft from their block outputs [B, {H}, {D}], got "
+                f"{list(getattr(hidden_states, 'shape', [type(hidden_states).__name__]))}"
+            )
+        x = hidden_states.flatten(1)
+    else:
+        x = heads.select_input(hidden_states)
     if x.dim() != 2:
         raise ValueError(f"hidden states must be [B, D] (one position per row), got {list(x.shape)}")
     if root_tokens.dtype != torch.long or tuple(root_tokens.shape) != (x.shape[0],):

@@ -121,6 +121,79 @@ def test_other_architectures(arch, layer):
         assert torch.equal(got, want), tree
 
 
+@pytest.mark.parametrize("tree", [6, "chain", [(0,), (1,), (0, 0), (0, 0, 0)]], ids=str)
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_transformer_heads_decode_like_model_generate(model, tree, layer):
+    """"transformer" heads (a decoder block per head, with their own key/value caches kept in
+    step with the backbone's) in single prompts and a left-padded batch."""
+    heads = perturbed_heads(model, "transformer", seed=3, scale=0.02, layer=layer)
+    ids, mask = _prompts(3, 9, seed=12, pad_rows=[(0, 4), (2, 1)])
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    got = generate(model, ids, heads, attention_mask=mask, max_new_tokens=40, tree=tree)
+    assert torch.equal(got, want)
+    one = generate(model, ids[1:2], heads, max_new_tokens=40, tree=tree)
+    assert torch.equal(one, model.generate(ids[1:2], max_new_tokens=40, do_sample=False))
+
+
+def _gemma_with_sliding_last_layer():
+    """A tiny Gemma 3 whose last layer (the one transformer heads copy) has a sliding window of
+    12, so that 40 new tokens cross it."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, num_hidden_layers=2, sliding_window=12,
+        layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        m = transformers.Gemma3ForCausalLM(config).eval()
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+@pytest.mark.parametrize("case", ["llama-last", "llama-layer1", "gemma-sliding-head"])
+def test_transformer_heads_features_follow_the_accepted_sequence(model, case, monkeypatch):
+    """After every step, the features the heads draft from (their blocks' outputs at the last
+    accepted position, computed incrementally over caches that hold rejected and padded slots)
+    equal the blocks run from scratch over the row's accepted sequence; also for heads whose
+    block has a sliding window. The decoded tokens equal model.generate's."""
+    from mtp_ext import tree_step
+
+    if case == "gemma-sliding-head":
+        model, layer = _gemma_with_sliding_last_layer(), -1
+        assert tree_step.SequenceFeatures(MTPHeads.for_model(model, 1, kind="transformer")).window == 12
+    else:
+        layer = -1 if case == "llama-last" else 1
+    heads = perturbed_heads(model, "transformer", seed=4, scale=0.02, layer=layer)
+    ids, mask = _prompts(2, 8, seed=13, pad_rows=[(1, 3)])
+    seen = []  # (features [B, H, D], position of the last accepted token [B])
+    original = tree_step.SequenceFeatures.after_step
+
+    def recording(self, heads_, out, path, num_acc, keep, slots, next_pos):
+        feature = original(self, heads_, out, path, num_acc, keep, slots, next_pos)
+        seen.append((feature.clone(), next_pos + num_acc))
+        return feature
+
+    monkeypatch.setattr(tree_step.SequenceFeatures, "after_step", recording)
+    out = generate(model, ids, heads, attention_mask=mask, max_new_tokens=30, tree=8,
+                   return_dict_in_generate=True)
+    assert torch.equal(out.sequences, model.generate(ids, attention_mask=mask, max_new_tokens=30,
+                                                     do_sample=False))
+    assert len(seen) == out.steps and out.tokens_per_step > 1.0  # some drafts were accepted
+    checked = 0
+    for b in range(2):
+        seq = out.sequences[b][torch.cat([mask[b].bool(), torch.ones(30, dtype=torch.bool)])]
+        with torch.no_grad():
+            hs = model(seq[None], output_hidden_states=True).hidden_states
+            full = heads.block_outputs(hs)[0]  # [L, H, D], causal over the whole row
+        for feature, pos in seen:
+            p = int(pos[b])
+            if p < seq.numel():
+                torch.testing.assert_close(feature[b], full[p], rtol=1e-4, atol=1e-4)
+                checked += 1
+    assert checked >= out.steps
+
+
 def test_gemma_final_norm_is_one_plus_weight():
     m = tiny_causal_lm("gemma3")
     with torch.no_grad():
@@ -333,13 +406,14 @@ def test_sampling_is_lossless_in_distribution(sampling_setup, settings):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["conditioned", "transformer"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_512_tokens_every_architecture_and_tree(arch):
+def test_512_tokens_every_architecture_and_tree(arch, kind):
     """Long generations on tiny models of each supported architecture, for every tree shape."""
     m = _model() if arch == "llama" else tiny_causal_lm(arch, vocab=VOCAB)
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = 0
-    heads = perturbed_heads(m, "conditioned")
+    heads = perturbed_heads(m, kind, scale=0.05 if kind == "conditioned" else 0.02)
     ids, mask = _prompts(2, 9, seed=21, pad_rows=[(1, 4)])
     want = m.generate(ids, attention_mask=mask, max_new_tokens=512, do_sample=False)
     for tree in TREES:

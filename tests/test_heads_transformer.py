@@ -164,8 +164,10 @@ def test_constructor_and_input_errors(model, batch):
         heads(hs[-1][0])
     with pytest.raises(ValueError, match="sequence axis"):
         heads.draft(hs[-1][0], 2)
-    with pytest.raises(NotImplementedError, match="transformer"):
-        heads.draft_step(1, hs[-1][0], None, 2)
+    with pytest.raises(ValueError, match=r"features must have shape \[P, 192\]"):
+        heads.draft_step(1, hs[-1][0], None, 2)  # [P, D]: transformer heads take [P, H * D]
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[2, 1, 9, 9\]"):
+        heads.block_outputs(hs, attention_mask=torch.zeros(2, 1, 9, 8))
     with pytest.raises(ValueError, match="position_ids"):
         heads.draft(hs, 2, position_ids=torch.arange(S + 1))
     resblock = MTPHeads.for_model(model, num_heads=2)
