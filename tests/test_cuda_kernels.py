@@ -427,6 +427,32 @@ def test_large_softmax_topk_and_verify():
     compare(actual, expected, "verify_tree")
 
 
+@pytest.mark.parametrize("v, k", [(786432, 64), (96 * 8192 - 5, 64), (120 * 8192, 50)])
+def test_merge_near_the_48kb_shared_memory_line(v, k):
+    """The top-k merge holds chunks x k candidates (8 bytes each) in dynamic shared memory: at
+    96 x 64 = 6144 they fill exactly 48 KB, which with the kernel's static share needs the
+    opt-in above 48 KB."""
+    x = randn(2, v, dtype=BF16, seed=28, scale=4.0)
+    probs, ids = ops.softmax_topk(x.cuda(), k)
+    cpu_probs, cpu_ids = ops.softmax_topk(x, k)
+    assert torch.equal(ids.cpu(), cpu_ids)
+    assert_close(probs.cpu(), cpu_probs, TOL[BF16].prob)
+
+
+@pytest.mark.parametrize("v, k", [(49152, 32), (49152, 16), (128256, 12), (151936, 15)])
+def test_fused_heads_merge_near_the_48kb_line(v, k):
+    """The same line reached through the decode-size unembedding, whose chunk count follows the
+    number of multiprocessors (these sizes put the merge at 47.5-48 KB on a 132-SM H200)."""
+    hidden = randn(1, 64, seed=29)
+    weight = randn(4, 64, 64, seed=30, scale=0.1)
+    lm_head = randn(v, 64, dtype=BF16, seed=31)
+    lp, ids = ops.fused_mtp_heads(hidden.cuda(), weight.cuda(), None, lm_head.cuda(), k)
+    cpu_lp, cpu_ids = ops.fused_mtp_heads(hidden, weight, None, lm_head, k)
+    full = torch.log_softmax(ref.head_features(hidden, weight, None).double()
+                             @ lm_head.double().T, -1).float()
+    assert_topk_equivalent(lp.cpu(), ids.cpu(), cpu_lp, cpu_ids, full, TOL[F32].logprob)
+
+
 def test_large_marginalize():
     x, w = randn(64, 4, BIG_V, dtype=BF16, seed=23, scale=3.0), rand(64, 4, seed=24)
     out = ops.marginalize(x.cuda(), w.cuda())

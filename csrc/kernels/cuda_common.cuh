@@ -313,6 +313,7 @@ __device__ void block_topk(const uint32_t* keys, int n, int k, IdOf id_of, uint3
       }
       uint32_t above = inclusive - mine;
       const uint32_t remaining = static_cast<uint32_t>(sh.remaining);
+      __syncwarp();  // every lane has read sh.remaining before one of them rewrites it
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if (above < remaining && remaining <= above + h[j]) {

@@ -268,7 +268,14 @@ void launch_topk_merge(int64_t rows, int64_t chunks, int k, const float* part_ma
                        cudaStream_t stream) {
   if (rows == 0) return;
   const size_t smem = static_cast<size_t>(chunks * k) * (sizeof(uint32_t) + sizeof(int32_t));
-  if (smem > 48 * 1024) {
+  // Without the opt-in, static plus dynamic shared memory must fit in 48 KB; the kernel's own
+  // static share (about 1.7 KB) counts too. A failed opt-in surfaces as the launch's error.
+  static const size_t static_smem = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, topk_merge_kernel) == cudaSuccess ? attr.sharedSizeBytes
+                                                                          : size_t{4096};
+  }();
+  if (smem + static_smem > 48 * 1024) {
     cudaFuncSetAttribute(topk_merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(smem));
   }
