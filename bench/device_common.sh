@@ -39,7 +39,7 @@ build_extension() {
     return 0
   fi
   rm -f mtp_ext/_C*.so mtp_ext/.build_stamp
-  if ! timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  if ! timeout 240 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"
     echo "the build failed (log: $OUT/build.log)"
     return 1

@@ -116,13 +116,28 @@ def bench_prompt(model, heads, ids, new_tokens: int, rounds: int, tree) -> dict:
     }
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad token, else its EOS token (tokenizers converted from GGUF by some
+    transformers releases have no pad token)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def left_pad(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, P], attention_mask [B, P])`` from 1-D rows of different lengths, left-padded."""
+    width = max(r.numel() for r in rows)
+    ids = rows[0].new_full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel():] = r
+        mask[i, width - r.numel():] = 1
+    return ids, mask
+
+
 def bench_batch(model, heads, batch_ids, new_tokens: int, rounds: int, tree, tokenizer) -> dict:
-    enc = tokenizer.pad(
-        {"input_ids": [r.tolist() for r in batch_ids]}, padding=True, return_tensors="pt",
-        padding_side="left",
-    )
-    device = batch_ids[0].device
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, mask = left_pad(batch_ids, pad_id(tokenizer))
     kw = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=mask)
     th, tm, same, tps = [], [], True, []
     model.generate(ids, **kw)

@@ -176,6 +176,13 @@ def _build_static(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: St
     return DraftTree(tokens, parents.expand(B, T).clone(), depths.expand(B, T).clone(), scores)
 
 
+def _repeat_each(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x [B, P, ...]`` with each of the ``P`` entries repeated ``n`` times: ``[B, P * n, ...]``
+    (``repeat_interleave(n, 1)`` without its possible host synchronization on CUDA)."""
+    B, P = x.shape[:2]
+    return x.unsqueeze(2).expand(B, P, n, *x.shape[2:]).reshape(B, P * n, *x.shape[2:])
+
+
 def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: DynamicTree) -> DraftTree:
     B, D = x.shape
     dev = x.device
@@ -205,11 +212,11 @@ def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: D
         own, lp, ids = _expand(heads, d, f_feat, f_tok, W)
         P = frontier.shape[1]
         tok.append(ids.reshape(B, P * W))
-        par.append(frontier.repeat_interleave(W, 1))
+        par.append(_repeat_each(frontier, W))
         new_score = (f_score[..., None] + lp).reshape(B, P * W)
         score.append(new_score)
         depth.append(torch.full((B, P * W), d, dtype=torch.long, device=dev))
-        feat.append(own.repeat_interleave(W, 1))
+        feat.append(_repeat_each(own, W))
         base = sum(t.shape[1] for t in tok[:-1])
         # Next frontier: the W best of this depth (ties: lower pool index first).
         keep = min(W, P * W)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup.sh), builds and runs the torch-free kernel unit tests with CMake
-# (compiling the CUDA kernels too when nvcc is present), runs the test suite, then the benchmark
+# (compiling the CUDA kernels too when nvcc is present), runs the test suite, the decoding tests on
+# the oldest supported transformers (scripts/test_transformers_oldest.sh), then the benchmark
 # suite's correctness checks on small shapes, then, when nvcc is present, the CUDA build step
 # (scripts/build_cuda.sh: the full extension against a CUDA build of torch, import, no-GPU tests).
 # Extra arguments go to the test-suite pytest, e.g. `-m slow` or `-k verify`.
@@ -12,6 +13,8 @@ cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 .venv/bin/python -m pytest tests "$@"
+# The decoding tests on the oldest supported transformers release as well.
+bash scripts/test_transformers_oldest.sh
 # Benchmark smoke run: every benchmark's correctness check on small shapes, without timing.
 .venv/bin/python -m pytest bench --bench-small --bench-no-compile --benchmark-disable -q
 # The CUDA extension: built and imported on any machine with nvcc, GPU or not.
