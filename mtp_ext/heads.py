@@ -60,6 +60,7 @@ import dataclasses
 import inspect
 import json
 import os
+import weakref
 from typing import Sequence, Union
 
 import torch
@@ -570,16 +571,17 @@ class MTPHeads(nn.Module):
         the heads' dtype. Gathered once and kept until the output layer, the vocabulary ids or the
         dtype change (the gather copies ``N x D`` values, as much as a head's whole matmul)."""
         lm, ids, dtype = self.lm_head_weight, self.vocab_ids, self._param_dtype
-        key = (
-            lm.data_ptr(), lm._version, lm.device, dtype,
-            None if ids is None else (ids.data_ptr(), ids._version),
-        )
+        # The tensors themselves (weakly: a replaced weight is not kept alive) and their versions.
+        key = (lm._version, dtype, None if ids is None else ids._version)
         cached = self.__dict__.get("_table_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if (cached is not None and cached[0] == key and cached[1]() is lm
+                and (ids is None or cached[2]() is ids)):
+            return cached[3]
         t = lm if ids is None else lm[ids]
         t = t.to(dtype)
-        self.__dict__["_table_cache"] = (key, t)
+        self.__dict__["_table_cache"] = (
+            key, weakref.ref(lm), None if ids is None else weakref.ref(ids), t
+        )
         return t
 
     def _unembed(self, z: torch.Tensor) -> torch.Tensor:

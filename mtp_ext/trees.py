@@ -320,7 +320,7 @@ def add_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
     par = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
                      torch.arange(T, T + K - 1, dtype=torch.long, device=dev)])
     depth = torch.arange(1, K + 1, dtype=torch.long, device=dev)
-    if branch.device != dev and dev.type == "cuda":
+    if branch.device != dev and dev.type == "cuda" and torch.cuda.is_available():
         # From pinned memory the copy is queued on the stream instead of waiting for it.
         branch = branch.pin_memory().to(dev, non_blocking=True)
     return DraftTree(

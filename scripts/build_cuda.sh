@@ -41,7 +41,8 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
 
 # 1. The environment: created once; the requirements are re-checked (fast) on every run.
 stamp="$ENV_DIR/.mtp_ext_requirements"
-wanted="$TORCH_REQ numpy setuptools wheel ninja pytest"
+# transformers: the release the GPU machines have, for the decoding test on fake CUDA tensors.
+wanted="$TORCH_REQ numpy setuptools wheel ninja pytest transformers==5.17.0"
 if [ ! -x "$PY" ]; then
   echo "build_cuda.sh: creating $ENV_DIR with $TORCH_REQ (once per machine)"
   mkdir -p "$(dirname "$ENV_DIR")"
@@ -107,5 +108,5 @@ missing = [op for op in ops
 assert not missing, f"no CUDA kernel registered for {missing}"
 print(f"build_cuda.sh: import ok, CUDA kernels registered for all {len(ops)} ops")
 EOF
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_build.py
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_build.py tests/test_decoding_fake_cuda.py
 echo "build_cuda.sh: done in $((SECONDS - start)) s"

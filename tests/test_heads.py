@@ -360,3 +360,37 @@ def test_draft_step_chain_equals_draft(model, batch, kind, vocab):
         heads.draft_step(0, x, nxt, 4)
     with pytest.raises(ValueError, match="features must have shape"):
         heads.draft_step(1, x[:, :5], nxt, 4)
+
+
+def test_draft_table_follows_changes_of_the_weight_and_the_vocabulary():
+    """The gathered draft-vocabulary table is cached, and rebuilt when the output layer changes in
+    place, when it is replaced, and when the draft vocabulary changes."""
+    m = _tiny_llama(seed=7)
+    heads = MTPHeads.for_model(m, 2, kind="linear", draft_vocab_size=50)
+    heads.set_draft_vocab(torch.arange(100, 150))
+    x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+    assert not heads._applies_norm  # the last layer's states are normed already
+
+    def expected():  # from the current weight and vocabulary, not through the cached table
+        z = torch.einsum("nd,hed->nhe", x, heads.weight)
+        logits = z @ heads.lm_head_weight[heads.vocab_ids].T
+        return reference.stable_topk(torch.log_softmax(logits.float(), -1), 4)
+
+    def drafted():
+        lp, ids = heads.draft(x, 4)
+        return lp, ids - 100  # back to columns of the draft vocabulary
+
+    first = heads._table()
+    assert heads._table() is first  # cached
+    with torch.no_grad():
+        heads.lm_head_weight[120:125] *= 3.0  # in place: version bump
+    assert heads._table() is not first
+    torch.testing.assert_close(drafted()[0], expected()[0])
+    assert torch.equal(drafted()[1], expected()[1])
+    heads.lm_head_weight = heads.lm_head_weight.clone() * -1.0  # replaced
+    assert torch.equal(drafted()[1], expected()[1])
+    heads.set_draft_vocab(torch.arange(300, 350))  # another vocabulary
+    lp, ids = heads.draft(x, 4)
+    assert torch.equal(ids, heads.vocab_ids[expected()[1]])
+    torch.testing.assert_close(lp, expected()[0])
