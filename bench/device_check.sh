@@ -34,16 +34,19 @@ step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 build_extension || exit 1
 
 step "CUDA tests (the large shapes last)"
-MTP_EXT_CUDA_VALUE_CHECKS=1 timeout 150 "$PY" -m pytest tests -k "cuda and not test_large and not 2_31" -q \
-  -p no:cacheprovider --continue-on-collection-errors -rfE --durations=15 \
+# (tests/test_generate_loop.py is bench/device_generate.sh's.)
+MTP_EXT_CUDA_VALUE_CHECKS=1 timeout "$(limit 150)" "$PY" -m pytest tests -k "cuda and not test_large and not 2_31" \
+  -q -p no:cacheprovider --continue-on-collection-errors -rfE --durations=15 \
+  --ignore=tests/test_generate_loop.py \
   --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_check: CUDA tests failed or timed out"; }
-MTP_EXT_CUDA_VALUE_CHECKS=1 timeout 90 "$PY" -m pytest tests/test_cuda_kernels.py -k "test_large or 2_31" -q \
-  -p no:cacheprovider -rfE --durations=8 2>&1 | tee -a "$OUT/cuda_tests.log" | tail -20
+MTP_EXT_CUDA_VALUE_CHECKS=1 timeout "$(limit 90)" "$PY" -m pytest tests -k "cuda and (test_large or 2_31)" \
+  -q -p no:cacheprovider -rfE --durations=8 --ignore=tests/test_generate_loop.py \
+  2>&1 | tee -a "$OUT/cuda_tests.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_check: large-shape CUDA tests failed or timed out"; }
 
 step "CUDA benchmark"
-timeout 200 "$PY" bench/cuda_ops.py --out "$OUT" --compile-budget 90 --budget 1.5 --reps 20 \
+timeout "$(limit 200)" "$PY" bench/cuda_ops.py --out "$OUT" --compile-budget 90 --budget 1.5 --reps 20 \
   2>&1 | tee "$OUT/cuda_ops.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_check: the benchmark failed or timed out"; }
 [ -f "$OUT/cuda_ops.md" ] && cat "$OUT/cuda_ops.md"

@@ -19,11 +19,22 @@ PARTS=/tmp/mtp_ext_parts
 SMOLLM2_GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 start=$SECONDS
+# One call may run 10 minutes: every step's time limit is cut to what is left before DEADLINE
+# seconds (default 570), so the script ends, with what it measured, before the call is killed.
+DEADLINE="${DEADLINE:-570}"
 step() { echo "== $(basename "$0"): $* ($((SECONDS - start)) s)"; }
+limit() {  # limit N: N seconds, or what is left before the deadline if less (at least 10)
+  local left=$((DEADLINE - (SECONDS - start)))
+  [ "$left" -lt "$1" ] && echo $((left > 10 ? left : 10)) || echo "$1"
+}
 
 if compgen -G ".gpu_carry/whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/mtp_ext_site .gpu_carry/whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/mtp_ext_site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/mtp_ext_site .gpu_carry/whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/mtp_ext_site"
+  else
+    echo "installing the carried wheels failed: loading SmolLM2 from its GGUF file will fail"
+  fi
 fi
 mkdir -p "$PARTS"
 for part in .gpu_carry/*.gguf.part*; do
@@ -39,7 +50,7 @@ build_extension() {
     return 0
   fi
   rm -f mtp_ext/_C*.so mtp_ext/.build_stamp
-  if ! timeout 240 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  if ! timeout "$(limit 240)" "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"
     echo "the build failed (log: $OUT/build.log)"
     return 1

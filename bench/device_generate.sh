@@ -15,8 +15,8 @@
 #    bench/device_prepare.sh cuts and that two calls carry, one each (see bench/README.md).
 #
 # Results go to $OUT (default bench/results/gpu-latest): tree_step_cost.{json,md},
-# generate_gpu.{json,md} and the logs. Budget: about 4 minutes once built (each step has a time
-# limit; together at most 9 minutes).
+# generate_gpu.{json,md} and the logs. Budget: about 4 minutes once built; each step has a time
+# limit, cut to what is left before the call's 10 minutes run out (DEADLINE in device_common.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_common.sh
@@ -26,18 +26,18 @@ step "build"
 build_extension || exit 1
 
 step "decoding tests on CUDA"
-timeout 90 "$PY" -m pytest tests/test_generate_loop.py -q -p no:cacheprovider -rfE \
+timeout "$(limit 90)" "$PY" -m pytest tests/test_generate_loop.py -q -p no:cacheprovider -rfE \
   2>&1 | tee "$OUT/generate_tests.log" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_generate: the decoding tests failed"; }
 
 step "tree step cost (random weights, Llama 3.2 1B shape)"
-timeout 150 "$PY" bench/tree_step_cost.py --device cuda --shape llama-1b --dtype bfloat16 \
+timeout "$(limit 150)" "$PY" bench/tree_step_cost.py --device cuda --shape llama-1b --dtype bfloat16 \
   --batch 1,4 --reps 10 --out "$OUT" 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_generate: tree_step_cost failed"; }
 
 step "SmolLM2 decoding speed"
 if join_smollm2; then
-  timeout 300 "$PY" bench/generate_speed.py --device cuda --prompts bench/prompts/smollm2.json \
+  timeout "$(limit 300)" "$PY" bench/generate_speed.py --device cuda --prompts bench/prompts/smollm2.json \
     --rounds 2 --json "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate_gpu.log" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_generate: generate_speed failed"; }
   sed -n '/^SmolLM2-135M/,$p' "$OUT/generate_gpu.log" > "$OUT/generate_gpu.md"

@@ -36,7 +36,7 @@ import torch
 from . import ops as _kernel_ops
 from . import reference as _reference_ops
 from .cpu_linear import fast_cpu
-from .hf_compat import cache_kwarg
+from .hf_compat import cache_kwarg, last_logits_kwarg
 from .heads import MTPHeads
 from .tree_step import DecodeState, HostContexts, SlotTable, attention_window, features_for, run_step
 from .trees import DynamicTree, StaticTree, TreeSpec, chain
@@ -95,12 +95,13 @@ class MTPGenerateOutput:
     Attributes:
         sequences: ``[B, P + N]`` int64, as ``model.generate`` returns them.
         steps: tree steps run (the prefill not counted).
-        accepted_per_step: ``[steps, B]`` int64, draft tokens accepted per step and row (each step
-            also emits one bonus token); -1 for rows that had already finished.
+        accepted_per_step: ``[steps, B]`` int64 (on the host, as the statistics below), draft
+            tokens accepted per step and row (each step also emits one bonus token); -1 for rows
+            that had already finished.
         accepted_histogram: ``[T]`` int64, how many (step, row) pairs accepted 0, 1, ... tokens
             (rows still generating only).
         tokens_per_step: mean tokens emitted per step and row (accepted + 1).
-        new_tokens: ``[B]`` tokens generated per row (up to and including EOS).
+        new_tokens: ``[B]`` int64, tokens generated per row (up to and including EOS).
         seconds: wall time of the call.
         tokens_per_second: ``new_tokens.sum() / seconds``.
         tree_size: nodes per tree.
@@ -305,13 +306,14 @@ def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpe
 
 
 def _prefill(model, input_ids, attention_mask, cache):
-    """Runs the prompt as ``model.generate`` does; returns the last position's logits ``[B, V]``,
-    the output (with every hidden state) and the prompt's position ids ``[B, P]``."""
+    """Runs the prompt as ``model.generate`` does (the output layer on the last position only,
+    where the model allows it); returns the last position's logits ``[B, V]``, the output (with
+    every hidden state) and the prompt's position ids ``[B, P]``."""
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 0)
     out = model(
         input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
-        output_hidden_states=True, **cache_kwarg(model, cache),
+        output_hidden_states=True, **cache_kwarg(model, cache), **last_logits_kwarg(model),
     )
     return out.logits[:, -1], out, pos
 
@@ -437,8 +439,9 @@ def generate(
                     for b, new in enumerate(taken):
                         if new:
                             contexts.extend(b, new)
-                branch = contexts.lookup(lookup, active) if contexts is not None else None
-                res = run_step(model, heads, state, spec, settings, uniforms, ops, branch)
+                branch = (contexts.lookup(lookup, active, pin=device.type == "cuda")
+                          if contexts is not None else None)
+                res = run_step(model, heads, state, spec, settings, uniforms, ops, branch, active)
                 if on_step is not None:
                     on_step(res.tree, res.num_accepted, res.path)
                 steps += 1

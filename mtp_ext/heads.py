@@ -571,7 +571,8 @@ class MTPHeads(nn.Module):
         the heads' dtype. Gathered once and kept until the output layer, the vocabulary ids or the
         dtype change (the gather copies ``N x D`` values, as much as a head's whole matmul)."""
         lm, ids, dtype = self.lm_head_weight, self.vocab_ids, self._param_dtype
-        # The tensors themselves (weakly: a replaced weight is not kept alive) and their versions.
+        # Keyed by the tensors themselves (held weakly) and their versions: an in-place change, a
+        # replaced weight or a new vocabulary rebuilds the table.
         key = (lm._version, dtype, None if ids is None else ids._version)
         cached = self.__dict__.get("_table_cache")
         if (cached is not None and cached[0] == key and cached[1]() is lm

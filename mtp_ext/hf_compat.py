@@ -14,7 +14,7 @@ import inspect
 
 import torch
 
-__all__ = ["cache_kwarg", "crop_cache", "cache_layers"]
+__all__ = ["cache_kwarg", "crop_cache", "cache_layers", "last_logits_kwarg"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,6 +26,17 @@ def _cache_argument(forward_owner: type) -> str:
 def cache_kwarg(model: torch.nn.Module, cache) -> dict:
     """``{name: cache}`` with the name this model's ``forward`` uses for its key/value cache."""
     return {_cache_argument(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_logits(forward_owner: type) -> bool:
+    return "logits_to_keep" in inspect.signature(forward_owner.forward).parameters
+
+
+def last_logits_kwarg(model: torch.nn.Module) -> dict:
+    """``{"logits_to_keep": 1}`` where the model's ``forward`` takes it, else ``{}``: the output
+    layer then runs on the last position only, as ``model.generate`` runs the prompt."""
+    return {"logits_to_keep": 1} if _keeps_logits(type(model)) else {}
 
 
 def crop_cache(cache, length: int) -> None:

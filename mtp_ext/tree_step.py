@@ -52,14 +52,16 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def heads_input(heads: MTPHeads, out, index: torch.Tensor | None):
+def heads_input(heads: MTPHeads, out, index: torch.Tensor | slice | None):
     """What the heads read at some positions of a backbone output ``out``: ``index [B]`` int64
-    (one position per row: ``[B, D]``), ``[B, K]`` (``K`` per row: ``[B, K, D]``) or None (the
-    last position: ``[B, D]``). A tensor, or a tuple of them (one per hidden state) for heads
-    that read several layers."""
+    (one position per row: ``[B, D]``), ``[B, K]`` (``K`` per row: ``[B, K, D]``), a slice of
+    positions (``[B, S', D]``) or None (the last position: ``[B, D]``). A tensor, or a tuple of
+    them (one per hidden state) for heads that read several layers."""
     def at(h):
         if index is None:
             return h[:, -1]
+        if isinstance(index, slice):
+            return h[:, index]
         rows = torch.arange(h.shape[0], device=h.device).view(-1, *([1] * (index.dim() - 1)))
         return h[rows, index]
 
@@ -93,7 +95,8 @@ class SlotTable:
     """What each row may attend to in the key/value cache: ``valid [B, S]`` bool (left padding,
     and the slots a row did not fill in a step, are False) and ``pos [B, S]`` int64, the position
     id held in each slot (for sliding windows). ``S`` is the cache's length, kept on the host; the
-    buffers behind the views grow by doubling, so appending a step's slots copies nothing."""
+    buffers behind the views grow by doubling, so a step appends its slots in place (amortized
+    constant cost) instead of concatenating the whole table."""
 
     def __init__(self, valid: torch.Tensor, pos: torch.Tensor, reserve: int = 0):
         B, S = valid.shape
@@ -155,16 +158,18 @@ class HostContexts:
         self._rows[b][n:need] = torch.tensor(tokens, dtype=torch.long)
         self._len[b] = need
 
-    def lookup(self, length: int, rows: list[bool]) -> torch.Tensor | None:
+    def lookup(self, length: int, rows: list[bool], pin: bool = False) -> torch.Tensor | None:
         """``[B, length]`` int64 prompt-lookup drafts (-1 padded) for the rows flagged in ``rows``,
-        or None when no flagged row has a match (host tensors only: no device access)."""
+        or None when no flagged row has a match (host tensors only: no device access). ``pin``:
+        in pinned memory, so that the copy to a GPU does not wait for the stream."""
         if length <= 0:
             return None
         found = [lookup_draft(self.row(b), length) if use else None for b, use in enumerate(rows)]
         if all(r is None for r in found):
             return None
         blank = torch.full((length,), -1, dtype=torch.long)
-        return torch.stack([r if r is not None else blank for r in found])
+        drafts = torch.stack([r if r is not None else blank for r in found])
+        return drafts.pin_memory() if pin else drafts
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -234,9 +239,7 @@ class SequenceFeatures:
         return heads.block_outputs(x, position_ids=new_pos, state=self.state, attention_mask=mask)
 
     def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
-        B, P = slots.valid.shape
-        index = torch.arange(P, device=slots.valid.device).expand(B, P)
-        z = self._blocks(heads, heads_input(heads, out, index), slots.valid, slots.pos, None)
+        z = self._blocks(heads, heads_input(heads, out, slice(None)), slots.valid, slots.pos, None)
         return z[:, -1]
 
     def after_step(self, heads: MTPHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
@@ -332,7 +335,7 @@ def read_step(num_accepted: torch.Tensor, tokens: torch.Tensor) -> tuple[list[in
 
 
 def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, settings, uniforms_fn, ops,
-             branch: torch.Tensor | None = None) -> StepResult:
+             branch: torch.Tensor | None = None, active: list[bool] | None = None) -> StepResult:
     """Drafts, runs and verifies one tree, compacts the cache and advances ``state``.
 
     Args:
@@ -343,6 +346,8 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
             ``compact_kv``).
         branch: ``[B, K]`` int64 host tensor of extra drafts chained under each root (-1 padded),
             e.g. :meth:`HostContexts.lookup`'s, or None.
+        active: per row, whether it is still generating (None: all). Finished rows keep no more
+            of their path than the longest kept by a live row, so they do not widen the cache.
     """
     tree = build_tree(heads, state.feature, state.root, spec)
     if branch is not None:
@@ -368,7 +373,11 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
             tree.tokens, tree.parents, hidden, model.get_output_embeddings().weight
         )
     accepted, emitted = read_step(num_acc, tokens)
-    keep = max(accepted) + 1
+    live = accepted if active is None else [a for a, on in zip(accepted, active) if on]
+    keep = max(live or accepted) + 1
+    verified = num_acc
+    if keep <= max(accepted):  # a finished row accepted more: cut its path (no host read)
+        num_acc = num_acc.clamp(max=keep - 1)
     compact_cache(state.cache, path, num_acc, T, keep, ops)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     kept = torch.arange(keep, device=tokens.device)[None]
@@ -377,4 +386,4 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
     state.slots.append(kept <= num_acc[:, None], state.next_pos[:, None] + kept)
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
-    return StepResult(accepted, emitted, tree, num_acc, path)
+    return StepResult(accepted, emitted, tree, verified, path)

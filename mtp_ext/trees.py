@@ -320,11 +320,11 @@ def add_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
     par = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
                      torch.arange(T, T + K - 1, dtype=torch.long, device=dev)])
     depth = torch.arange(1, K + 1, dtype=torch.long, device=dev)
-    if branch.device != dev and dev.type == "cuda" and torch.cuda.is_available():
-        # From pinned memory the copy is queued on the stream instead of waiting for it.
-        branch = branch.pin_memory().to(dev, non_blocking=True)
+    # From pinned host memory (HostContexts.lookup(pin=True)) the copy is queued on the stream
+    # instead of waiting for it; from pageable memory non_blocking changes nothing.
+    branch = branch.to(dev, non_blocking=True)
     return DraftTree(
-        torch.cat([tree.tokens, branch.to(dev)], 1),
+        torch.cat([tree.tokens, branch], 1),
         torch.cat([tree.parents, par.expand(B, K)], 1),
         torch.cat([tree.depths, depth.expand(B, K)], 1),
         torch.cat([tree.scores, tree.scores.new_zeros(B, K)], 1),

@@ -1,7 +1,10 @@
 """The decoding step on CUDA tensors without a GPU: the model and heads are made of fake CUDA
 tensors (``FakeTensorMode``: shapes, dtypes and devices propagate, nothing is computed), so any
-mixing of host and device tensors in the loop, or an operation that reads device data, fails
-here as it would on a GPU. The custom ops run their fake implementations.
+mixing of host and device tensors in the step, or an operation that reads device data, fails
+here as it would on a GPU. The custom ops run their fake implementations. The step's one host
+read (``read_step``) is replaced by fixed counts, since fake tensors hold no values; ``generate``'s
+own loop around the steps (prefill with a 2-D mask, first token, bookkeeping) is left to the GPU
+tests in tests/test_generate_loop.py.
 
 Needs a CUDA build of torch (CI's CUDA build step runs it, scripts/build_cuda.sh); skipped on a
 CPU build, which cannot make CUDA tensors, fake or not.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,3 +176,33 @@ def test_cuda_one_synchronization_per_step(do_sample, monkeypatch):
     where = [str(w.message)[:120] for w in caught[syncs[0]: syncs[-1]]] if syncs else []
     assert out.steps >= 8
     assert per_step == [1] * (out.steps - 1), where
+
+
+def test_finished_rows_do_not_widen_the_cache(model, monkeypatch):
+    """A row that has finished may still accept long paths (its tokens are discarded): the step
+    keeps only as many slots as the live rows need and cuts the finished row's path to match."""
+    from mtp_ext import ops, tree_step
+    from mtp_ext.hf_compat import cache_kwarg, cache_layers
+    from mtp_ext.trees import DynamicTree
+
+    heads = perturbed_heads(model, "conditioned", 0, 0.05)
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9))
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        out = model(ids, use_cache=True, output_hidden_states=True, **cache_kwarg(model, cache))
+    pos = torch.arange(8).expand(2, 8)
+    slots = tree_step.SlotTable(torch.ones(2, 8, dtype=torch.bool), pos)
+    state = tree_step.DecodeState(cache=cache, slots=slots, next_pos=torch.full((2,), 8),
+                                  root=ids[:, -1], feature=tree_step.heads_input(heads, out, None),
+                                  window=None)
+    real = tree_step.read_step
+    monkeypatch.setattr(tree_step, "read_step",
+                        lambda n, t: ([3, 0], [r[:1] for r in real(n, t)[1]]))
+    settings = SimpleNamespace(do_sample=False)
+    with torch.no_grad():
+        tree_step.run_step(model, heads, state, DynamicTree(8, 2), settings, None, ops,
+                           active=[False, True])
+    assert state.slots.length == 9  # the live row accepted nothing: one slot, not four
+    assert all(layer.keys.shape[-2] == 9 for layer in cache_layers(cache))
+    assert state.next_pos.tolist() == [9, 9]
+    assert state.slots.valid[:, 8].all()
