@@ -318,12 +318,14 @@ def tree_mask(state: DecodeState, parents: torch.Tensor, dtype: torch.dtype, ops
 
 def compact_cache(cache, path: torch.Tensor, num_accepted: torch.Tensor, T: int, keep: int, ops) -> None:
     """Moves each row's accepted path to the slots after the prefix and drops the rest of the
-    tree: every layer ends ``prefix + keep`` long (``keep = max accepted + 1``)."""
+    tree: every layer ends ``prefix + keep`` long (``keep = max accepted + 1``). With ``keep = 1``
+    only the roots stay, already in place (node 0), and nothing moves."""
     for layer in cache_layers(cache):
         for name in ("keys", "values"):
             t = getattr(layer, name)
             prefix = t.shape[-2] - T
-            ops.compact_kv(t, path, num_accepted, prefix)
+            if keep > 1:
+                ops.compact_kv(t, path, num_accepted, prefix)
             setattr(layer, name, t[..., : prefix + keep, :])
 
 
