@@ -131,17 +131,21 @@ def _config_value(gc, name: str, default):
     return default if value is None else value
 
 
-def resolve_settings(model, input_len: int, **given) -> GenerationSettings:
-    """Resolves the call's settings against ``model.generation_config`` (see
-    :class:`GenerationSettings`); raises ValueError naming any output-changing option the model's
-    generation config sets and this loop does not implement."""
-    gc = getattr(model, "generation_config", None)
+def resolve_settings(model, input_len: int, generation_config=None, **given) -> GenerationSettings:
+    """Resolves the call's settings as ``model.generate`` does (see :class:`GenerationSettings`):
+    the arguments given, then ``generation_config`` (default: ``model.generation_config``), then
+    transformers' defaults. The length: ``max_new_tokens`` (given, then the config's), else
+    ``max_length`` (given, then the config's) minus the prompt. Raises ValueError naming any
+    output-changing option the config sets and this loop does not implement."""
+    own = generation_config is None
+    gc = getattr(model, "generation_config", None) if own else generation_config
+    where = "the model's generation_config" if own else "the generation_config passed"
     for name, default in _UNSUPPORTED_CONFIG.items():
         value = getattr(gc, name, default) if gc is not None else default
         if value is not None and value != default and not (default is None and value == 0):
             raise ValueError(
-                f"the model's generation_config sets {name}={value!r}, which mtp_ext.generate does "
-                f"not support; reset it (model.generation_config.{name} = {default!r})"
+                f"{where} sets {name}={value!r}, which mtp_ext.generate does not support; reset it "
+                f"({name} = {default!r})"
             )
 
     def pick(name, default):
@@ -152,8 +156,10 @@ def resolve_settings(model, input_len: int, **given) -> GenerationSettings:
     if max_new is None:
         max_new = getattr(gc, "max_new_tokens", None) if gc is not None else None
     if max_new is None:
-        max_length = _config_value(gc, "max_length", 20)
-        max_new = max_length - input_len
+        max_length = given.get("max_length")
+        if max_length is None:
+            max_length = _config_value(gc, "max_length", 20)
+        max_new = int(max_length) - input_len
     max_new = int(max_new)
     if max_new < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
@@ -267,9 +273,9 @@ def _resolve_backend(backend):
 
 
 _SUPPORTED = {
-    "attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "eos_token_id", "pad_token_id", "tree", "generator", "streamer", "return_dict_in_generate",
-    "use_cache",
+    "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature", "top_k",
+    "top_p", "eos_token_id", "pad_token_id", "tree", "generator", "streamer",
+    "return_dict_in_generate", "use_cache", "generation_config",
 }
 
 
@@ -338,6 +344,8 @@ def generate(
     return_dict_in_generate: bool = False,
     prompt_lookup_num_tokens: int | None = 8,
     backend: Any = "kernels",
+    max_length: int | None = None,
+    generation_config=None,
     **kwargs,
 ):
     """``model.generate`` with MTP drafting and tree verification: same arguments, same result.
@@ -359,6 +367,10 @@ def generate(
         streamer: e.g. transformers' ``TextStreamer``; gets the prompt, then the tokens of each
             step as they are accepted, then ``end()``.
         return_dict_in_generate: return an :class:`MTPGenerateOutput` instead of the sequences.
+        max_length: prompt plus new tokens, used when no ``max_new_tokens`` is set (as in
+            transformers, ``max_new_tokens`` wins when both are).
+        generation_config: a ``transformers.GenerationConfig`` used instead of
+            ``model.generation_config`` (the arguments above still override it).
         prompt_lookup_num_tokens: (transformers' name for it) also draft, as one more branch
             under the root, the tokens that followed the last earlier occurrence of the
             context's final 1-3 tokens (prompt-lookup drafting, which pays on repetitive text:
@@ -386,9 +398,9 @@ def generate(
     if lookup < 0:
         raise ValueError(f"prompt_lookup_num_tokens must be >= 0, got {lookup}")
     settings = resolve_settings(
-        model, input_ids.shape[1], max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
+        model, input_ids.shape[1], generation_config, max_new_tokens=max_new_tokens,
+        max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
     spec = _tree_spec(tree, model, heads, input_ids)
     if attention_mask is None:

@@ -16,9 +16,8 @@ returns with ``output_hidden_states=True`` (``L + 1`` tensors: the embeddings, t
   ``L + 1`` elements, with learned scalars ``a[L + 1]`` (or ``a[L + 1, D]``, a softmax per channel,
   with ``whs_per_channel``), initialized to zero (a uniform average).
 
-Final norm rule (the issue: "the final norm is applied when the input is not the last layer's
-output"): the backbone's final RMSNorm is applied to each head's output feature before the
-unembedding unless the heads read the last element of ``hidden_states`` alone (which is already
+Final norm rule (the final norm is applied when the input is not the last layer's output): the
+backbone's final RMSNorm is applied to each head's output feature before the unembedding unless the heads read the last element of ``hidden_states`` alone (which is already
 normed), so a zero-initialized residual head on the last layer reproduces the backbone's own
 next-token logits exactly. With ``"whs"``, and for ``"transformer"`` heads (whose decoder block
 outputs a residual stream), the norm is always applied.

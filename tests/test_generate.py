@@ -227,6 +227,27 @@ def test_mtp_model_wrapper_and_defaults_from_generation_config(model):
     assert wrapped.config is model.config  # everything else is the model's own
 
 
+def test_max_length_and_generation_config_as_in_model_generate(model):
+    """``max_length`` and ``generation_config=`` resolve as in transformers: max_new_tokens (the
+    call's, then the config's) wins over max_length; the call's arguments override the config."""
+    heads = _heads(model)
+    ids, _ = _prompts(1, 6, seed=14)
+    cases = [
+        dict(max_length=6 + 13),
+        dict(max_length=6 + 13, max_new_tokens=9),
+        dict(generation_config=transformers.GenerationConfig(max_new_tokens=11, do_sample=False)),
+        dict(generation_config=transformers.GenerationConfig(max_length=6 + 7), max_new_tokens=15),
+        dict(generation_config=transformers.GenerationConfig(max_new_tokens=8), max_length=40),
+    ]
+    for kw in cases:
+        want = model.generate(ids, do_sample=False, pad_token_id=0, eos_token_id=None, **kw)
+        got = generate(model, ids, heads, do_sample=False, tree=6, **kw)
+        assert torch.equal(got, want), kw
+    bad = transformers.GenerationConfig(max_new_tokens=4, repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="generation_config passed sets repetition_penalty"):
+        generate(model, ids, heads, generation_config=bad)
+
+
 def test_streamer_gets_prompt_then_every_token(model):
     heads = _heads(model)
     ids, _ = _prompts(1, 5, seed=7)
