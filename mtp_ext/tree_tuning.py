@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -177,9 +178,13 @@ def auto_tree(
     if path.is_file() and not refresh:
         with open(path) as f:
             return TreeProfile(**json.load(f)).tree()
+    sizes, width = default_grid(heads.lm_head_weight.device)
     if progress:
         print("profiling draft tree sizes (once per model, device, dtype, heads and threads)")
-    sizes, width = default_grid(heads.lm_head_weight.device)
+    else:  # a library call: one line on stderr, since the first call takes noticeably longer
+        print(f"mtp_ext: measuring draft tree sizes {sizes[0]}..{sizes[-1]} for this model, device, "
+              f"dtype, heads and thread count (once; cached in {path.parent})", file=sys.stderr,
+              flush=True)
     profile = profile_tree_sizes(model, heads, input_ids, sizes, width, progress=progress)
     os.makedirs(path.parent, exist_ok=True)
     tmp = path.with_suffix(".tmp")
