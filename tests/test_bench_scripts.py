@@ -1,0 +1,54 @@
+"""The benchmark scripts that the GPU runs call (bench/device_generate.sh), run here on the CPU at
+tiny sizes so that a change of the decoding code cannot break them unnoticed before a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_tree_step_cost_runs_and_writes_its_table(tmp_path):
+    pytest.importorskip("transformers")
+    res = _run(["bench/tree_step_cost.py", "--device", "cpu", "--shape", "tiny", "--reps", "1",
+                "--sizes", "1,4", "--batch", "1,2", "--prefix", "16", "--out", str(tmp_path)],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((tmp_path / "tree_step_cost.json").read_text())
+    rows = data["rows"]
+    assert [(r["batch"], r["T"]) for r in rows] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    assert all(r["plain"] > 0 and r["tree_step"] > 0 and r["root_agrees"] == 1.0 for r in rows)
+    table = (tmp_path / "tree_step_cost.md").read_text()
+    assert "| batch | T | plain step ms |" in table and "Command:" in table
+
+
+@pytest.mark.slow
+def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
+    """The GPU run reads its prompts from bench/prompts/smollm2.json (the texts are not installed
+    there); here on the CPU with 4 new tokens and one round."""
+    from mtp_ext import assets
+
+    try:
+        assets.model_file("smollm2-135m")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    out = tmp_path / "speed.json"
+    res = _run(["bench/generate_speed.py", "--prompts", "bench/prompts/smollm2.json",
+                "--new-tokens", "4", "--rounds", "1", "--tree", "4", "--json", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert len(data["prompts"]) == 7 and all(r["identical"] for _, r in data["prompts"])
+    assert data["batch"]["batch"] == 4 and data["batch"]["identical"]
