@@ -18,7 +18,8 @@ from .hf_compat import cache_kwarg, cache_layers
 from .heads import MTPHeads
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
-__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "run_step", "heads_input",
+__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "run_step", "read_step",
+           "tree_mask", "sequence_mask", "compact_cache", "backbone", "heads_input",
            "logits_from_hidden", "attention_window", "PointFeatures", "SequenceFeatures",
            "features_for"]
 
