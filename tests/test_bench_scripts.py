@@ -35,6 +35,20 @@ def test_tree_step_cost_runs_and_writes_its_table(tmp_path):
     assert "| batch | T | plain step ms |" in table and "Command:" in table
 
 
+def test_cuda_ops_benchmark_dry_run(tmp_path):
+    """bench/cuda_ops.py (the kernels' GPU benchmark) on the CPU at tiny shapes: every row is
+    checked against the reference and written."""
+    res = _run(["bench/cuda_ops.py", "--device", "cpu", "--small", "--no-compile", "--reps", "2",
+                "--budget", "0.2", "--out", str(tmp_path)], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    rows = json.loads((tmp_path / "cuda_ops.json").read_text())["rows"]
+    assert len(rows) >= 9 and all(r["checked"] for r in rows)
+    import mtp_ext
+
+    assert set(mtp_ext.ops.__all__) <= {r["op"] for r in rows}  # every op is benchmarked
+    assert (tmp_path / "cuda_ops.md").read_text().count("\n|") >= len(rows)
+
+
 @pytest.mark.slow
 def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
     """The GPU run reads its prompts from bench/prompts/smollm2.json (the texts are not installed
