@@ -311,6 +311,22 @@ def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpe
     )
 
 
+LOOKUP_GROWTH = 4  # tokens the lookup branch grows by after a step that accepted all of it
+
+
+def _next_lookup_length(length: int, base: int, branch: torch.Tensor | None,
+                        emitted: list[list[int]], active: list[bool]) -> int:
+    """The prompt-lookup branch's length for the next step: ``LOOKUP_GROWTH`` longer (at most
+    ``2 * base``) when some live row accepted the whole branch, else back to ``base`` (the
+    heuristic of transformers' assisted decoding, applied to the lookup drafts)."""
+    if branch is None:
+        return base
+    drafts = branch.tolist()
+    whole = any(on and len(e) > length and e[:length] == d
+                for on, e, d in zip(active, emitted, drafts))
+    return min(length + LOOKUP_GROWTH, 2 * base) if whole else base
+
+
 def _prefill(model, input_ids, attention_mask, cache):
     """Runs the prompt as ``model.generate`` does (the output layer on the last position only,
     where the model allows it); returns the last position's logits ``[B, V]``, the output (with
@@ -375,7 +391,8 @@ def generate(
             under the root, the tokens that followed the last earlier occurrence of the
             context's final 1-3 tokens (prompt-lookup drafting, which pays on repetitive text:
             quotes, code, translations); added only on steps where some row has a match; 0 or
-            None turns it off.
+            None turns it off. After a step in which a row accepted the whole branch, the next
+            one is 4 tokens longer (up to twice this), and otherwise back to this length.
         backend: ``"kernels"`` (``mtp_ext.ops``), ``"reference"`` (``mtp_ext.reference``) for
             the tree mask, the verification and the cache compaction, or an object with those
             four functions (the heads draft with the kernels either way).
@@ -445,15 +462,17 @@ def generate(
         taken = output.emit([[t] for t in first[:, 0].tolist()])
         patch = fast_cpu(model) if device.type == "cpu" else None
         try:
+            lookup_len = lookup
             while not output.finished:
                 active = [not d for d in output.done]
                 if contexts is not None:
                     for b, new in enumerate(taken):
                         if new:
                             contexts.extend(b, new)
-                branch = (contexts.lookup(lookup, active, pin=device.type == "cuda")
+                branch = (contexts.lookup(lookup_len, active, pin=device.type == "cuda")
                           if contexts is not None else None)
                 res = run_step(model, heads, state, spec, settings, uniforms, ops, branch, active)
+                lookup_len = _next_lookup_length(lookup_len, lookup, branch, res.emitted, active)
                 if on_step is not None:
                     on_step(res.tree, res.num_accepted, res.path)
                 steps += 1

@@ -78,7 +78,8 @@ def test_one_host_read_per_step(model, do_sample, tree):
     ``test_lookup_contexts_are_host_buffers`` checks they are host tensors)."""
     heads = perturbed_heads(model, "conditioned", 0, 0.05)
     ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
-    with ReadCounter(exclude_callers={"lookup_draft"}) as rc:
+    # Prompt lookup and its length schedule read only host tensors (the contexts, the branch).
+    with ReadCounter(exclude_callers={"lookup_draft", "_next_lookup_length"}) as rc:
         out = generate(model, ids, heads, max_new_tokens=40, tree=tree, do_sample=do_sample,
                        top_k=20, generator=torch.Generator().manual_seed(0),
                        return_dict_in_generate=True, prompt_lookup_num_tokens=4,
@@ -206,3 +207,16 @@ def test_finished_rows_do_not_widen_the_cache(model, monkeypatch):
     assert all(layer.keys.shape[-2] == 9 for layer in cache_layers(cache))
     assert state.next_pos.tolist() == [9, 9]
     assert state.slots.valid[:, 8].all()
+
+
+def test_lookup_branch_grows_after_a_whole_acceptance():
+    from mtp_ext.decoding import _next_lookup_length
+
+    branch = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    # row 0 accepted its 4 lookup drafts (then a bonus token): grow by 4, up to 2 x 4
+    assert _next_lookup_length(4, 4, branch, [[5, 6, 7, 8, 9], [1]], [True, True]) == 8
+    assert _next_lookup_length(8, 4, torch.tensor([[5] * 8]), [[5] * 9], [True]) == 8
+    # only part of it, a finished row, or no branch: back to the base length
+    assert _next_lookup_length(8, 4, branch, [[5, 6, 7], [1, 2]], [True, True]) == 4
+    assert _next_lookup_length(4, 4, branch, [[5, 6, 7, 8, 9], [1]], [False, True]) == 4
+    assert _next_lookup_length(8, 4, None, [[1]], [True]) == 4
