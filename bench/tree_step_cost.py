@@ -37,9 +37,9 @@ from types import SimpleNamespace
 import torch
 
 from mtp_ext import ops
-from mtp_ext.hf_compat import cache_kwarg, crop_cache
+from mtp_ext.hf_compat import cache_kwarg, crop_cache, last_logits_kwarg
 from mtp_ext.heads import MTPHeads
-from mtp_ext.tree_step import DecodeState, SlotTable, attention_window, backbone, run_step, tree_mask
+from mtp_ext.tree_step import DecodeState, backbone, run_step, start_state, tree_mask
 from mtp_ext.trees import DynamicTree, build_tree
 
 # Llama 3.2 1B's shape (tied embeddings, grouped-query attention), and a tiny one for dry runs.
@@ -90,11 +90,9 @@ class Bench:
         ids = torch.randint(0, model.config.vocab_size, (batch, prefix + 1), generator=g).to(device)
         self.cache = DynamicCache()
         with torch.no_grad():
-            out = model(ids[:, :prefix], use_cache=True, output_hidden_states=True,
-                        **cache_kwarg(model, self.cache))
-        self.feature = out.hidden_states[-1][:, -1]
+            self.prompt_out = model(ids[:, :prefix], use_cache=True, output_hidden_states=True,
+                                    **cache_kwarg(model, self.cache), **last_logits_kwarg(model))
         self.root = ids[:, prefix]
-        self.plain_logits = None
         self.settings = SimpleNamespace(do_sample=False)
 
     def state(self) -> DecodeState:
@@ -102,9 +100,8 @@ class Bench:
         B = self.root.shape[0]
         valid = torch.ones(B, self.prefix, dtype=torch.bool, device=self.device)
         pos = torch.arange(self.prefix, device=self.device).expand(B, -1)
-        return DecodeState(cache=self.cache, slots=SlotTable(valid, pos), next_pos=pos[:, -1] + 1,
-                           root=self.root.clone(), feature=self.feature,
-                           window=attention_window(self.model))
+        return start_state(self.model, self.heads, self.cache, self.prompt_out, valid, pos,
+                           self.root.clone())
 
     @torch.no_grad()
     def plain(self) -> torch.Tensor:
@@ -150,7 +147,8 @@ def measure(bench: Bench, sizes: list[int], reps: int) -> list[dict]:
     with torch.no_grad():
         for T in sizes:
             spec = DynamicTree(T, min(WIDTH, max(1, T - 1)))
-            tree = build_tree(bench.heads, bench.feature, bench.root, spec)
+            state = bench.state()
+            tree = build_tree(bench.heads, state.feature, state.root, spec)
             agrees = float((bench.tree_forward(tree)[:, 0] == bench.plain()).float().mean())
             ms = interleaved({
                 "plain": bench.plain,

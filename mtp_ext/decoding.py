@@ -38,7 +38,7 @@ from . import reference as _reference_ops
 from .cpu_linear import fast_cpu
 from .hf_compat import cache_kwarg, last_logits_kwarg
 from .heads import MTPHeads
-from .tree_step import DecodeState, HostContexts, SlotTable, attention_window, features_for, run_step
+from .tree_step import HostContexts, run_step, start_state
 from .trees import DynamicTree, StaticTree, TreeSpec, chain
 
 __all__ = ["generate", "MTPModel", "MTPGenerateOutput", "GenerationSettings"]
@@ -450,13 +450,8 @@ def generate(
             root_draft, parents1, logits[:, None], temp, settings.top_k, settings.top_p,
             uniforms((B, 1)) if settings.do_sample else None,
         )
-        slots = SlotTable(attention_mask.bool(), prompt_pos)
-        features = features_for(heads)
-        state = DecodeState(
-            cache=cache, slots=slots, next_pos=attention_mask.long().sum(1), root=first[:, 0],
-            feature=features.at_prompt(heads, prompt_out, slots), window=attention_window(model),
-            features=features,
-        )
+        state = start_state(model, heads, cache, prompt_out, attention_mask.bool(), prompt_pos,
+                            first[:, 0])
         del prompt_out
         contexts = HostContexts(input_ids, attention_mask, settings.max_new_tokens) if lookup else None
         taken = output.emit([[t] for t in first[:, 0].tolist()])

@@ -517,7 +517,8 @@ class MTPHeads(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     @property
-    def _param_dtype(self) -> torch.dtype:
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the heads' parameters (what they compute in)."""
         if self.config.kind == "transformer":
             return next(self.blocks.parameters()).dtype
         return self.weight.dtype
@@ -563,13 +564,13 @@ class MTPHeads(nn.Module):
                 f"hidden states must end in hidden_size={self.config.hidden_size}, "
                 f"got shape {list(x.shape)}"
             )
-        return x.to(self._param_dtype)
+        return x.to(self.param_dtype)
 
     def _table(self) -> torch.Tensor:
         """The unembedding rows the heads project onto (``[N, D]`` with a draft vocabulary), in
         the heads' dtype. Gathered once and kept until the output layer, the vocabulary ids or the
         dtype change (the gather copies ``N x D`` values, as much as a head's whole matmul)."""
-        lm, ids, dtype = self.lm_head_weight, self.vocab_ids, self._param_dtype
+        lm, ids, dtype = self.lm_head_weight, self.vocab_ids, self.param_dtype
         # Keyed by the tensors themselves (held weakly) and their versions: an in-place change, a
         # replaced weight or a new vocabulary rebuilds the table.
         key = (lm._version, dtype, None if ids is None else ids._version)
@@ -593,11 +594,22 @@ class MTPHeads(nn.Module):
         """Logits ``[..., V']`` (the heads' parameter dtype) of head output features ``z[..., D]``:
         the backbone's final norm (when the heads apply it, see the module docstring), then its
         unembedding (the draft vocabulary's rows only, when set)."""
-        return self._unembed(z.to(self._param_dtype))
+        return self._unembed(z.to(self.param_dtype))
 
     # ------------------------------------------------------------------------------------------
     # Transformer heads
     # ------------------------------------------------------------------------------------------
+
+    @property
+    def block_window(self) -> int | None:
+        """``"transformer"`` heads: the sliding window of their blocks' attention, None when they
+        attend fully (all blocks copy one decoder layer, so they share it)."""
+        self._require_transformer("block_window")
+        windows = {getattr(getattr(b, "self_attn", None), "sliding_window", None) for b in self.blocks}
+        windows.discard(None)
+        if len(windows) > 1:
+            raise ValueError(f"the heads' blocks have different sliding windows {sorted(windows)}")
+        return int(windows.pop()) if windows else None
 
     def new_draft_state(self) -> TransformerDraftState:
         """An empty incremental drafting state (one key/value cache per head) for
@@ -788,6 +800,23 @@ class MTPHeads(nn.Module):
         spec = DynamicTree(tree) if isinstance(tree, int) else tree
         return build_tree(self, hidden_states, root_tokens, spec)
 
+    def draft_input(self, hidden_states) -> torch.Tensor:
+        """What :meth:`draft_step` takes at depth 1, one position per row: ``[B, D]`` from the
+        backbone's hidden states (:meth:`select_input`); for ``"transformer"`` heads
+        ``hidden_states`` are their blocks' outputs there, ``[B, H, D]``, flattened to
+        ``[B, H * D]``."""
+        if self.config.kind != "transformer":
+            return self.select_input(hidden_states)
+        H, D = self.config.num_heads, self.config.hidden_size
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or tuple(
+            hidden_states.shape[1:]
+        ) != (H, D):
+            raise ValueError(
+                f"transformer heads draft from their block outputs [B, {H}, {D}], got "
+                f"{list(getattr(hidden_states, 'shape', [type(hidden_states).__name__]))}"
+            )
+        return hidden_states.flatten(1)
+
     @torch.no_grad()
     def draft_step(
         self, depth: int, features: torch.Tensor, tokens: torch.Tensor | None, k: int
@@ -818,7 +847,7 @@ class MTPHeads(nn.Module):
         width = H * D if self.config.kind == "transformer" else D
         if features.dim() != 2 or features.shape[1] != width:
             raise ValueError(f"features must have shape [P, {width}], got {list(features.shape)}")
-        f = features.to(self._param_dtype)
+        f = features.to(self.param_dtype)
         norm_w = self.norm_weight.to(f.dtype) if self._applies_norm else None
         eps = self.config.rms_norm_eps
         h = depth - 1

@@ -18,8 +18,8 @@ from .hf_compat import cache_kwarg, cache_layers
 from .heads import MTPHeads
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
-__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "run_step", "read_step",
-           "tree_mask", "sequence_mask", "compact_cache", "backbone", "heads_input",
+__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "run_step",
+           "read_step", "tree_mask", "sequence_mask", "compact_cache", "backbone", "heads_input",
            "logits_from_hidden", "attention_window", "PointFeatures", "SequenceFeatures",
            "features_for"]
 
@@ -99,9 +99,9 @@ class SlotTable:
     buffers behind the views grow by doubling, so a step appends its slots in place (amortized
     constant cost) instead of concatenating the whole table."""
 
-    def __init__(self, valid: torch.Tensor, pos: torch.Tensor, reserve: int = 0):
+    def __init__(self, valid: torch.Tensor, pos: torch.Tensor):
         B, S = valid.shape
-        cap = max(S + reserve, 2 * S, 16)
+        cap = max(2 * S, 16)
         self._valid = torch.zeros(B, cap, dtype=torch.bool, device=valid.device)
         self._pos = torch.zeros(B, cap, dtype=torch.long, device=valid.device)
         self._valid[:, :S] = valid
@@ -228,15 +228,10 @@ class SequenceFeatures:
 
     def __init__(self, heads: MTPHeads):
         self.state = heads.new_draft_state()
-        windows = {getattr(getattr(b, "self_attn", None), "sliding_window", None) for b in heads.blocks}
-        windows.discard(None)
-        if len(windows) > 1:
-            raise ValueError(f"the heads' blocks have different sliding windows {sorted(windows)}")
-        self.window = int(windows.pop()) if windows else None
+        self.window = heads.block_window
 
     def _blocks(self, heads, x, new_valid, new_pos, slots):
-        dtype = next(heads.blocks.parameters()).dtype
-        mask = sequence_mask(slots, new_valid, new_pos, dtype, self.window)
+        mask = sequence_mask(slots, new_valid, new_pos, heads.param_dtype, self.window)
         return heads.block_outputs(x, position_ids=new_pos, state=self.state, attention_mask=mask)
 
     def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
@@ -271,6 +266,18 @@ class DecodeState:
     feature: Any
     window: int | None
     features: Any = dataclasses.field(default_factory=PointFeatures)
+
+
+def start_state(model, heads: MTPHeads, cache, prompt_out, valid: torch.Tensor,
+                positions: torch.Tensor, root: torch.Tensor) -> DecodeState:
+    """The state after the prompt: ``cache`` holds its keys and values and ``prompt_out`` is the
+    model's output over it (every hidden state); ``valid [B, P]`` bool (False at padding),
+    ``positions [B, P]`` int64 position ids, ``root [B]`` int64 the first new token."""
+    slots = SlotTable(valid, positions)
+    features = features_for(heads)
+    return DecodeState(cache=cache, slots=slots, next_pos=valid.long().sum(1), root=root,
+                       feature=features.at_prompt(heads, prompt_out, slots),
+                       window=attention_window(model), features=features)
 
 
 @dataclasses.dataclass

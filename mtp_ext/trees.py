@@ -261,18 +261,7 @@ def build_tree(
         a :class:`DraftTree` with ``T = spec.size`` nodes per row (fewer for a dynamic tree whose
         expansions hold fewer candidates).
     """
-    if heads.config.kind == "transformer":
-        H, D = heads.config.num_heads, heads.config.hidden_size
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or tuple(
-            hidden_states.shape[1:]
-        ) != (H, D):
-            raise ValueError(
-                f"transformer heads draft from their block outputs [B, {H}, {D}], got "
-                f"{list(getattr(hidden_states, 'shape', [type(hidden_states).__name__]))}"
-            )
-        x = hidden_states.flatten(1)
-    else:
-        x = heads.select_input(hidden_states)
+    x = heads.draft_input(hidden_states)
     if x.dim() != 2:
         raise ValueError(f"hidden states must be [B, D] (one position per row), got {list(x.shape)}")
     if root_tokens.dtype != torch.long or tuple(root_tokens.shape) != (x.shape[0],):

@@ -155,19 +155,14 @@ def test_capture_and_replay(name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn(*static)
-    fresh = to_cuda(make(1))
-    for st, fr in zip(static, fresh):
-        st.copy_(fr)
-    graph.replay()
-    torch.cuda.synchronize()
-    compare(out, fn(*fresh), name)
-    # Replays again on other inputs: nothing was baked into the graph but the shapes.
-    fresh = to_cuda(make(2))
-    for st, fr in zip(static, fresh):
-        st.copy_(fr)
-    graph.replay()
-    torch.cuda.synchronize()
-    compare(out, fn(*fresh), name)
+    # Replayed on two other inputs: nothing was baked into the graph but the shapes.
+    for seed in (1, 2):
+        fresh = to_cuda(make(seed))
+        for st, fr in zip(static, fresh):
+            st.copy_(fr)
+        graph.replay()
+        torch.cuda.synchronize()
+        compare(out, fn(*fresh), name)
 
 
 def test_compact_kv_capture_and_replay():

@@ -98,13 +98,7 @@ def test_tree_steps_stay_on_the_device(kind, do_sample, monkeypatch):
         mask4 = tree_step.sequence_mask(None, mask.bool(), pos, torch.float32, None)
         out = model(ids, attention_mask=mask4, position_ids=pos, use_cache=True,
                     output_hidden_states=True, **cache_kwarg(model, cache))
-        slots = tree_step.SlotTable(mask.bool(), pos)
-        features = tree_step.features_for(heads)
-        state = tree_step.DecodeState(
-            cache=cache, slots=slots, next_pos=mask.sum(1), root=ids[:, -1],
-            feature=features.at_prompt(heads, out, slots),
-            window=tree_step.attention_window(model), features=features,
-        )
+        state = tree_step.start_state(model, heads, cache, out, mask.bool(), pos, ids[:, -1])
 
         def uniforms(shape):
             return torch.rand(shape, device="cuda")

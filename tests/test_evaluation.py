@@ -15,7 +15,7 @@ from mtp_ext.evaluation.branches import branch_mask, forward_with_nodes
 from mtp_ext.evaluation.head_study import grid_layers
 from mtp_ext.evaluation.marginal import score_exact, score_marginal, score_ntp
 from mtp_ext.evaluation.samples import Sample, build_samples, training_windows
-from mtp_ext.evaluation.tally import Key, Tally
+from mtp_ext.evaluation.tally import Tally
 
 V = 24
 

@@ -9,7 +9,6 @@ same test. Bad input and unsupported arguments raise errors that name them.
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +20,7 @@ import mtp_ext
 from mtp_ext import reference
 from mtp_ext.decoding import MTPModel, generate
 from mtp_ext.heads import MTPHeads
-from mtp_ext.trees import DynamicTree, StaticTree
+from mtp_ext.trees import DynamicTree
 
 transformers = pytest.importorskip("transformers")
 

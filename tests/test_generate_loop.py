@@ -191,11 +191,8 @@ def test_finished_rows_do_not_widen_the_cache(model, monkeypatch):
     cache = transformers.DynamicCache()
     with torch.no_grad():
         out = model(ids, use_cache=True, output_hidden_states=True, **cache_kwarg(model, cache))
-    pos = torch.arange(8).expand(2, 8)
-    slots = tree_step.SlotTable(torch.ones(2, 8, dtype=torch.bool), pos)
-    state = tree_step.DecodeState(cache=cache, slots=slots, next_pos=torch.full((2,), 8),
-                                  root=ids[:, -1], feature=tree_step.heads_input(heads, out, None),
-                                  window=None)
+    state = tree_step.start_state(model, heads, cache, out, torch.ones(2, 8, dtype=torch.bool),
+                                  torch.arange(8).expand(2, 8), ids[:, -1])
     real = tree_step.read_step
     monkeypatch.setattr(tree_step, "read_step",
                         lambda n, t: ([3, 0], [r[:1] for r in real(n, t)[1]]))
