@@ -16,6 +16,41 @@ os.environ.setdefault("MTP_EXT_CUDA_VALUE_CHECKS", "1")
 import mtp_ext  # noqa: F401  (registers torch.ops.mtp_ext before any test is collected)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cuda-emulator",
+        action="store_true",
+        help="run the mtp_ext ops on CPU tensors through the CUDA kernels under the CPU emulator "
+        "(tests/cuda_emulator.py) instead of the CPU kernels: the CPU tests then check the CUDA code",
+    )
+
+
+_EMULATOR_ROUTES = []
+
+
+def pytest_configure(config):
+    if config.getoption("--cuda-emulator"):
+        from cuda_emulator import route_cpu_ops_to_emulator
+
+        _EMULATOR_ROUTES.append(route_cpu_ops_to_emulator())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under --cuda-emulator, tests marked emulator_slow are skipped unless -m names them."""
+    if not config.getoption("--cuda-emulator") or "emulator_slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="too slow under the CUDA emulator (run with -m emulator_slow)")
+    for item in items:
+        if "emulator_slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    if config.getoption("--cuda-emulator"):
+        return "mtp_ext ops on CPU tensors: the CUDA kernels under the CPU emulator"
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _seed_global_rng():
     """Tests draw inputs from explicit generators; this only pins any incidental global draw."""

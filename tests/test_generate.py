@@ -408,6 +408,7 @@ SAMPLING = [
 ]
 
 
+@pytest.mark.emulator_slow
 @pytest.mark.parametrize("settings", SAMPLING, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 def test_sampling_is_lossless_in_distribution(sampling_setup, settings):
     model, heads, prompt = sampling_setup

@@ -361,6 +361,7 @@ def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
 TV_BOUND = 0.02
 
 
+@pytest.mark.emulator_slow
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("tree", ["root_only", "star"])
 @pytest.mark.parametrize(
@@ -404,6 +405,7 @@ def test_sampling_frequencies_match_target_law(device, tree, temperature, top_k,
     assert total_variation(wrong_empirical, law) > TV_BOUND
 
 
+@pytest.mark.emulator_slow
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     "temperature, top_k, top_p", [(1.0, 0, 1.0), (0.6, 20, 1.0), (1.2, 0, 0.7), (0.9, 40, 0.85)]

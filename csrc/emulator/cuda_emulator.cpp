@@ -1,0 +1,485 @@
+// The CPU emulator's runtime: fibers for the threads of a block, the block barrier, warp
+// collectives, launch checks and the runtime API's state. See cuda_emulator.h.
+#include "cuda_emulator.h"
+
+#include "common.h"  // csrc/kernels: the float16 conversion of the CPU kernels
+
+#include <sys/mman.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+// float16 -> float32 exactly, as the CPU kernels convert.
+float __half2float(__half h) { return mtp_ext::kernels::to_float(mtp_ext::kernels::f16{h.bits}); }
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the stack pointer into *from, resumes the fiber whose stack
+// pointer is `to`. No system call, unlike swapcontext (which also saves the signal mask).
+extern "C" void cuda_emu_switch(void** from, void* to);
+asm(R"(
+  .text
+  .globl cuda_emu_switch
+  .type cuda_emu_switch, @function
+cuda_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuda_emu_switch, .-cuda_emu_switch
+)");
+#endif
+
+namespace cuda_emu {
+
+Position* g_position = nullptr;
+
+namespace {
+
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int kMaxOptinSmem = 227 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 4096;
+
+enum class State { Runnable, AtBarrier, AtWarp, Done };
+
+// A saved execution context: a stack pointer (x86-64) or a ucontext.
+struct Context {
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+struct Lane {
+  Context context;
+  Position position;
+  State state = State::Done;
+  Collective op = Collective::SyncWarp;
+  unsigned mask = 0;
+  uint64_t value = 0, result = 0;
+  int param = 0, width = 32;
+};
+
+struct Block {
+  std::vector<Lane> lanes;
+  // Per warp: how many lanes wait at a collective, and which lanes have exited.
+  std::vector<int> warp_waiting;
+  std::vector<uint32_t> warp_exited;
+  int live = 0, at_barrier = 0, current = 0;
+  Context scheduler;
+  const std::function<void()>* body = nullptr;
+  std::string fault;
+  void* dynamic = nullptr;
+};
+
+Block* g_block = nullptr;
+uint64_t g_launches = 0;
+cudaError_t g_last_error = cudaSuccess;
+std::unordered_map<const void*, int> g_optin;
+std::vector<char*> g_stacks;
+
+std::string schedule_setting() {
+  const char* s = std::getenv("CUDA_EMU_SCHEDULE");
+  return s == nullptr ? "forward" : s;
+}
+
+char* stack(size_t i) {
+  while (g_stacks.size() <= i) {
+    void* p = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot allocate a fiber stack");
+    mprotect(p, kGuardBytes, PROT_NONE);  // a stack overflow faults instead of corrupting memory
+    g_stacks.push_back(static_cast<char*>(p));
+  }
+  return g_stacks[i];
+}
+
+Lane& current_lane() {
+  if (g_block == nullptr) throw std::runtime_error("cuda_emu: device code called outside a launch");
+  return g_block->lanes[g_block->current];
+}
+
+std::string describe(const Lane& l) {
+  std::ostringstream s;
+  s << "thread (" << l.position.thread.x << "," << l.position.thread.y << "," << l.position.thread.z
+    << ") of block (" << l.position.block.x << "," << l.position.block.y << ","
+    << l.position.block.z << ")";
+  return s.str();
+}
+
+void switch_context(Context& from, Context& to) {
+#if defined(__x86_64__)
+  cuda_emu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// Back to the scheduler; returns when this fiber is resumed.
+void yield_to_scheduler() {
+  Block& b = *g_block;
+  switch_context(b.lanes[b.current].context, b.scheduler);
+}
+
+[[noreturn]] void fault_here(const std::string& what) {
+  Block& b = *g_block;
+  if (b.fault.empty()) b.fault = describe(b.lanes[b.current]) + ": " + what;
+  // The scheduler throws; this fiber is never resumed.
+  for (;;) yield_to_scheduler();
+}
+
+void release_barrier_if_complete(Block& b) {
+  if (b.at_barrier == 0 || b.at_barrier < b.live) return;
+  for (Lane& l : b.lanes)
+    if (l.state == State::AtBarrier) l.state = State::Runnable;
+  b.at_barrier = 0;
+}
+
+void fiber_main() {
+  Block& b = *g_block;
+  try {
+    (*b.body)();
+  } catch (const std::exception& e) {
+    if (b.fault.empty()) b.fault = describe(b.lanes[b.current]) + ": " + e.what();
+  } catch (...) {
+    if (b.fault.empty()) b.fault = describe(b.lanes[b.current]) + ": an exception";
+  }
+  b.lanes[b.current].state = State::Done;
+  --b.live;
+  // A lane of this warp waiting on this one in a collective would wait forever.
+  const int self = b.current, base = self - self % 32;
+  b.warp_exited[self / 32] |= 1u << (self - base);
+  if (b.warp_waiting[self / 32] > 0)
+    for (int l = base; l < base + 32 && l < static_cast<int>(b.lanes.size()); ++l) {
+    const Lane& other = b.lanes[l];
+    if (other.state == State::AtWarp && (other.mask >> (self - base) & 1u) && b.fault.empty())
+      b.fault = describe(other) + ": a warp collective waiting on lane " +
+                std::to_string(self - base) + ", which has exited";
+  }
+  release_barrier_if_complete(b);
+  // Back to the scheduler for good: a finished fiber is never resumed.
+  for (;;) yield_to_scheduler();
+}
+
+// A fresh fiber on stack `base` (kStackBytes above the guard page) that starts in fiber_main.
+void start_context(Context& c, char* base, Context& scheduler) {
+#if defined(__x86_64__)
+  (void)scheduler;
+  // cuda_emu_switch pops six registers, then returns into fiber_main with the stack as a call
+  // leaves it (16-byte aligned plus the return address slot, here a zero never used).
+  auto top = reinterpret_cast<uintptr_t>(base + kStackBytes) & ~uintptr_t(15);
+  auto* sp = reinterpret_cast<void**>(top);
+  *--sp = nullptr;                                         // fiber_main's return address
+  *--sp = reinterpret_cast<void*>(&fiber_main);            // cuda_emu_switch's `ret` target
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;             // rbp, rbx, r12-r15
+  c.sp = sp;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = base;
+  c.uc.uc_stack.ss_size = kStackBytes;
+  c.uc.uc_link = &scheduler.uc;
+  makecontext(&c.uc, fiber_main, 0);
+#endif
+}
+
+void schedule_order(std::vector<int>& order, const std::string& setting, std::mt19937& rng) {
+  if (setting == "reverse") {
+    std::reverse(order.begin(), order.end());
+  } else if (setting.rfind("random", 0) == 0) {
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+}
+
+std::string deadlock_report(const Block& b) {
+  std::ostringstream s;
+  s << "deadlock: no thread can run;";
+  int shown = 0;
+  for (const Lane& l : b.lanes) {
+    if (l.state == State::Done) continue;
+    if (shown++ == 4) {
+      s << " ...";
+      break;
+    }
+    s << " " << describe(l)
+      << (l.state == State::AtBarrier ? " waits at __syncthreads"
+                                      : " waits at a warp collective with mask ");
+    if (l.state == State::AtWarp) s << std::hex << "0x" << l.mask << std::dec;
+    s << ";";
+  }
+  s << " (a barrier not every thread reaches, or a collective naming an exited or diverged lane)";
+  return s.str();
+}
+
+void run_block(Block& b, const dim3& grid, const dim3& block, const uint3& block_idx,
+               const std::string& setting, std::mt19937& rng) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  b.lanes.assign(n, Lane{});
+  b.warp_waiting.assign((n + 31) / 32, 0);
+  b.warp_exited.assign((n + 31) / 32, 0u);
+  b.live = n;
+  b.at_barrier = 0;
+  for (int i = 0; i < n; ++i) {
+    Lane& l = b.lanes[i];
+    l.position.thread = uint3{static_cast<unsigned>(i % block.x),
+                              static_cast<unsigned>((i / block.x) % block.y),
+                              static_cast<unsigned>(i / (block.x * block.y))};
+    l.position.block = block_idx;
+    l.position.block_dim = block;
+    l.position.grid_dim = grid;
+    l.state = State::Runnable;
+    start_context(l.context, stack(i) + kGuardBytes, b.scheduler);
+  }
+  const bool in_order = setting == "forward";
+  std::vector<int> order(in_order ? 0 : n);
+  for (;;) {
+    if (!in_order) {
+      for (int i = 0; i < n; ++i) order[i] = i;
+      schedule_order(order, setting, rng);
+    }
+    bool ran = false;
+    for (int j = 0; j < n; ++j) {
+      const int i = in_order ? j : order[j];
+      if (b.lanes[i].state != State::Runnable) continue;
+      ran = true;
+      b.current = i;
+      g_position = &b.lanes[i].position;
+      switch_context(b.scheduler, b.lanes[i].context);
+      g_position = nullptr;
+      if (!b.fault.empty()) return;
+    }
+    if (b.live == 0) return;
+    if (!ran) {
+      b.fault = deadlock_report(b);
+      return;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t set_last_error(cudaError_t e) {
+  if (g_last_error == cudaSuccess) g_last_error = e;
+  return e;
+}
+
+cudaError_t get_last_error(bool clear) {
+  const cudaError_t e = g_last_error;
+  if (clear) g_last_error = cudaSuccess;
+  return e;
+}
+
+const char* error_string(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    default:
+      return "unspecified launch failure";
+  }
+}
+
+cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
+  if (bytes < 0 || bytes > kMaxOptinSmem) return set_last_error(cudaErrorInvalidValue);
+  g_optin[kernel] = bytes;
+  return cudaSuccess;
+}
+
+int max_dynamic_smem(const void* kernel) {
+  const auto it = g_optin.find(kernel);
+  return it == g_optin.end() ? static_cast<int>(kDefaultSmem) : it->second;
+}
+
+int device_attribute(cudaDeviceAttr attr) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: {
+      const char* s = std::getenv("CUDA_EMU_SMS");
+      const int sms = s == nullptr ? 132 : std::atoi(s);
+      return sms > 0 ? sms : 132;
+    }
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      return static_cast<int>(kDefaultSmem);
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      return kMaxOptinSmem;
+  }
+  return 0;
+}
+
+void* dynamic_shared_memory() {
+  current_lane();
+  return g_block->dynamic;
+}
+
+void sync_threads() {
+  Block& b = *g_block;
+  Lane& l = current_lane();
+  l.state = State::AtBarrier;
+  ++b.at_barrier;
+  release_barrier_if_complete(b);
+  yield_to_scheduler();
+}
+
+uint64_t warp_collective(Collective op, unsigned mask, uint64_t value, int param, int width) {
+  Block& b = *g_block;
+  Lane& me = current_lane();
+  const int self = b.current, lane = self % 32, base = self - lane;
+  if (!(mask >> lane & 1u)) fault_here("a warp collective whose mask leaves out the calling lane");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+    fault_here("a shuffle width that is not a power of two up to 32");
+  const int present = static_cast<int>(b.lanes.size()) - base;
+  if (present < 32 && (mask >> present) != 0)
+    fault_here("a warp collective whose mask names a lane the block does not have");
+  const int warp = self / 32;
+  if (const uint32_t gone = b.warp_exited[warp] & mask)
+    fault_here("a warp collective waiting on lane " + std::to_string(__builtin_ctz(gone)) +
+               ", which has exited");
+  me.op = op;
+  me.mask = mask;
+  me.value = value;
+  me.param = param;
+  me.width = width;
+  me.state = State::AtWarp;
+  // The last lane of the mask to arrive completes the collective; the others wait for it.
+  bool complete = ++b.warp_waiting[warp] >= __builtin_popcount(mask);
+  for (int l = 0; complete && l < 32; ++l)
+    complete = !(mask >> l & 1u) || b.lanes[base + l].state == State::AtWarp;
+  if (!complete) {
+    yield_to_scheduler();
+    return me.result;
+  }
+  b.warp_waiting[warp] -= __builtin_popcount(mask);
+  // Every lane of the mask is here: check that they agree, then give each its result.
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const Lane& other = b.lanes[base + l];
+    if (other.op != op || other.mask != mask)
+      fault_here("lanes of one warp collective disagree on the operation or the mask (lane " +
+                 std::to_string(l) + ")");
+  }
+  uint64_t ballot = 0;
+  bool all = true;
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    const bool pred = b.lanes[base + l].value != 0;
+    ballot |= uint64_t(pred) << l;
+    all = all && pred;
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    Lane& dst = b.lanes[base + l];
+    const int seg = l & ~(dst.width - 1);
+    int src = l;
+    switch (op) {
+      case Collective::SyncWarp:
+        dst.result = 0;
+        break;
+      case Collective::ShflIdx:
+        src = seg + (((dst.param % dst.width) + dst.width) % dst.width);
+        break;
+      case Collective::ShflUp:
+        src = (l - seg) < dst.param ? l : l - dst.param;
+        break;
+      case Collective::ShflDown:
+        src = (l - seg) + dst.param >= dst.width ? l : l + dst.param;
+        break;
+      case Collective::ShflXor:
+        src = l ^ dst.param;
+        if (src >= seg + dst.width || src < 0 || src > 31) src = l;
+        break;
+      case Collective::Ballot:
+        dst.result = ballot;
+        break;
+      case Collective::Any:
+        dst.result = ballot != 0;
+        break;
+      case Collective::All:
+        dst.result = all;
+        break;
+      case Collective::MatchAny: {
+        uint64_t same = 0;
+        for (int j = 0; j < 32; ++j)
+          if ((mask >> j & 1u) && b.lanes[base + j].value == dst.value) same |= uint64_t(1) << j;
+        dst.result = same;
+        break;
+      }
+    }
+    if (op == Collective::ShflIdx || op == Collective::ShflUp || op == Collective::ShflDown ||
+        op == Collective::ShflXor) {
+      if (!(mask >> src & 1u))
+        fault_here("lane " + std::to_string(l) + " shuffles from lane " + std::to_string(src) +
+                   ", outside the mask");
+      dst.result = b.lanes[base + src].value;
+    }
+  }
+  for (int l = 0; l < 32; ++l)
+    if (mask >> l & 1u) b.lanes[base + l].state = State::Runnable;
+  return me.result;
+}
+
+void run_grid(const void* kernel, const LaunchConfig& c, const std::function<void()>& body) {
+  const dim3 &g = c.grid, &k = c.block;
+  const uint64_t threads = uint64_t(k.x) * k.y * k.z;
+  if (threads == 0 || threads > 1024 || k.x > 1024 || k.y > 1024 || k.z > 64 || g.x == 0 ||
+      g.y == 0 || g.z == 0 || g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
+    set_last_error(cudaErrorInvalidConfiguration);
+    return;
+  }
+  if (c.smem > static_cast<size_t>(max_dynamic_smem(kernel))) {
+    set_last_error(cudaErrorInvalidValue);
+    return;
+  }
+  if (g_block != nullptr)
+    throw std::runtime_error(
+        "cuda_emu: a launch while another one runs (from device code or another host thread); the "
+        "emulator runs one launch at a time");
+  ++g_launches;
+  const std::string setting = schedule_setting();
+  std::mt19937 rng(setting.rfind("random:", 0) == 0 ? std::stoul(setting.substr(7)) : 0u);
+  std::vector<unsigned char> dynamic(c.smem + 16);
+  void* aligned = dynamic.data() + (16 - reinterpret_cast<uintptr_t>(dynamic.data()) % 16) % 16;
+  Block b;
+  b.body = &body;
+  b.dynamic = c.smem > 0 ? aligned : nullptr;
+  g_block = &b;
+  try {
+    for (unsigned z = 0; z < g.z; ++z)
+      for (unsigned y = 0; y < g.y; ++y)
+        for (unsigned x = 0; x < g.x; ++x) {
+          std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
+          run_block(b, g, k, uint3{x, y, z}, setting, rng);
+          if (!b.fault.empty()) throw std::runtime_error("cuda_emu: " + b.fault);
+        }
+  } catch (...) {
+    g_block = nullptr;
+    throw;
+  }
+  g_block = nullptr;
+}
+
+}  // namespace cuda_emu
+
+// Launches run so far (for tests that check which code path an op took).
+extern "C" uint64_t cuda_emu_launches() { return cuda_emu::g_launches; }

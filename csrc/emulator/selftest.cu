@@ -1,0 +1,115 @@
+// Kernels that check the CPU emulator itself: what it must compute, and the faults it must report.
+// Built only into the emulated library (tests/cuda_emulator.py); tests/test_cuda_emulator.py calls
+// cuda_emu_selftest through ctypes.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+namespace {
+
+// Warp sums by butterfly shuffles, a block sum through shared memory, a ballot and a match.
+__global__ void reductions_kernel(const int* in, int* out) {
+  __shared__ int partial[32];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  int v = in[tid];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (tid == 0) {
+    int total = 0;
+    for (int w = 0; w < static_cast<int>(blockDim.x) / 32; ++w) total += partial[w];
+    out[0] = total;
+  }
+  const unsigned odd = __ballot_sync(0xffffffffu, in[tid] % 2 != 0);
+  if (lane == 0) out[1 + warp] = static_cast<int>(odd);
+  const unsigned same = __match_any_sync(0xffffffffu, in[tid] % 3);
+  out[64 + tid] = static_cast<int>(same);
+  out[192 + tid] = __shfl_up_sync(0xffffffffu, in[tid], 3);
+}
+
+// Lanes 0..15 wait at the block barrier while lanes 16..31 wait for them in a shuffle.
+__global__ void deadlock_kernel(int* out) {
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+  }
+}
+
+// Half the warp exits, the other half shuffles over the full mask.
+__global__ void exited_lane_kernel(int* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+}
+
+// A shuffle whose mask leaves out the calling lane.
+__global__ void mask_kernel(int* out) { out[threadIdx.x] = __shfl_sync(0x1u, 7, 0); }
+
+// A shuffle reading a lane outside the mask.
+__global__ void outside_mask_kernel(int* out) {
+  if (threadIdx.x < 2) out[threadIdx.x] = __shfl_sync(0x3u, 7, 5);
+}
+
+// Thread 0 writes a shared value without a barrier before the others read it: what they see
+// depends on the order of the threads' turns.
+__global__ void race_kernel(int* out) {
+  __shared__ int flag;
+  if (threadIdx.x == 0) flag = 0;
+  __syncthreads();
+  if (threadIdx.x == 0) flag = 1;
+  out[threadIdx.x] = flag;
+}
+
+// Reads its dynamic shared memory before writing it.
+__global__ void dynamic_kernel(unsigned* out) {
+  extern __shared__ unsigned dyn[];
+  out[threadIdx.x] = dyn[threadIdx.x];
+}
+
+std::string run(const char* name, int* ints) {
+  cudaGetLastError();
+  if (std::strcmp(name, "reductions") == 0) {
+    reductions_kernel<<<1, 128>>>(ints, ints + 128);
+  } else if (std::strcmp(name, "deadlock") == 0) {
+    deadlock_kernel<<<1, 32>>>(ints);
+  } else if (std::strcmp(name, "exited_lane") == 0) {
+    exited_lane_kernel<<<1, 32>>>(ints);
+  } else if (std::strcmp(name, "mask") == 0) {
+    mask_kernel<<<1, 2>>>(ints);
+  } else if (std::strcmp(name, "outside_mask") == 0) {
+    outside_mask_kernel<<<1, 32>>>(ints);
+  } else if (std::strcmp(name, "race") == 0) {
+    race_kernel<<<1, 64>>>(ints);
+  } else if (std::strcmp(name, "dynamic") == 0) {
+    dynamic_kernel<<<1, 32, 32 * sizeof(unsigned)>>>(reinterpret_cast<unsigned*>(ints));
+  } else if (std::strcmp(name, "smem_over_48k") == 0) {
+    dynamic_kernel<<<1, 32, 64 * 1024>>>(reinterpret_cast<unsigned*>(ints));
+  } else if (std::strcmp(name, "smem_opt_in") == 0) {
+    cudaFuncSetAttribute(dynamic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    dynamic_kernel<<<1, 32, 64 * 1024>>>(reinterpret_cast<unsigned*>(ints));
+  } else if (std::strcmp(name, "block_too_large") == 0) {
+    race_kernel<<<1, 2048>>>(ints);
+  } else {
+    return "unknown case";
+  }
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? "" : std::string("launch: ") + cudaGetErrorString(e);
+}
+
+}  // namespace
+
+// Runs the case `name` on ints (at least 512 ints, in and out); writes "" or what went wrong (a
+// launch error, or the emulator's fault) into message. Returns 0 when nothing went wrong.
+extern "C" int cuda_emu_selftest(const char* name, int* ints, char* message, int message_len) {
+  std::string what;
+  try {
+    what = run(name, ints);
+  } catch (const std::exception& e) {
+    what = e.what();
+  }
+  std::snprintf(message, static_cast<size_t>(message_len), "%s", what.c_str());
+  return what.empty() ? 0 : 1;
+}

@@ -1,0 +1,152 @@
+"""Builds and loads the CUDA kernels under the CPU emulator (``csrc/emulator``).
+
+The emulated build compiles the CUDA kernels (``csrc/kernels/*.cu``, rewritten as C++: see
+:func:`translate`), their launchers (``csrc/cuda/*.cpp``, unchanged) and the op schemas
+(``csrc/ops.cpp``) with the host compiler, against stand-ins for the CUDA toolkit and c10's CUDA
+headers. The launchers register for CPU tensors in the namespace ``mtp_ext_emu``, so
+``torch.ops.mtp_ext_emu.<op>`` runs the CUDA code path (launcher checks, kernels, fallbacks) on the
+CPU, one fiber per GPU thread, while ``torch.ops.mtp_ext.<op>`` keeps the CPU kernels. It is slow:
+use small shapes.
+
+``load()`` builds once into ``build/cuda_emulator`` (or ``$MTP_EXT_EMULATOR_BUILD``; ninja keeps it
+between runs) and returns the ``torch.ops.mtp_ext_emu`` namespace. ``CUDA_EMU_SCHEDULE``
+(``forward``, ``reverse``, ``random:<seed>``) orders the threads' turns; ``CUDA_EMU_SMS`` sets the
+device's multiprocessor count (default 132).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+EMULATOR = CSRC / "emulator"
+BUILD = Path(os.environ.get("MTP_EXT_EMULATOR_BUILD", ROOT / "build" / "cuda_emulator"))
+NAME = "mtp_ext_cuda_emulated"
+
+# `kernel<<<config>>>(` where kernel may carry template arguments: `k<T, 16><<<grid, 256, 0, s>>>(`.
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:\s*<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
+# `extern __shared__ T name[];`
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;"
+)
+
+
+def translate(source: str, path: str = "") -> str:
+    """The C++ form of a CUDA source for the emulator: launches and dynamic shared memory rewritten.
+
+    Raises ValueError if a launch or an ``extern __shared__`` declaration is left that the rewrite
+    did not understand (so a new construct fails the build instead of being skipped).
+    """
+    out = _LAUNCH.sub(
+        lambda m: f"::cuda_emu::launch({m.group(1)}, ::cuda_emu::LaunchConfig({m.group(2)}))(",
+        source,
+    )
+    out = _DYNAMIC_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = ::cuda_emu::dynamic_shared<{m.group(1)}>();", out
+    )
+    for marker in ("<<<", "extern __shared__"):
+        if marker in out:
+            line = out[: out.index(marker)].count("\n") + 1
+            raise ValueError(f"cuda_emulator: cannot translate `{marker}` at line {line}")
+    # Line numbers are kept, so compiler messages point into the original file.
+    return '#include "cuda_emulator.h"\n' + (f'#line 1 "{path}"\n' if path else "") + out
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def sources() -> list[str]:
+    """The emulated build's sources: generated files in BUILD, plus the emulator's runtime."""
+    gen = BUILD / "src"
+    gen.mkdir(parents=True, exist_ok=True)
+    out = [str(EMULATOR / "cuda_emulator.cpp")]
+    for cu in [*sorted((CSRC / "kernels").glob("*.cu")), EMULATOR / "selftest.cu"]:
+        target = gen / (cu.stem + "_cu.cpp")
+        _write_if_changed(target, translate(cu.read_text(), str(cu)))
+        out.append(str(target))
+    # Torch-facing files: the registration remap first, then the file itself, unchanged.
+    for cpp in [CSRC / "ops.cpp", CSRC / "checks.cpp", *sorted((CSRC / "cuda").glob("*.cpp"))]:
+        target = gen / (cpp.parent.name + "_" + cpp.stem + ".cpp")
+        _write_if_changed(target, f'#include "registration.h"\n#include "{cpp}"\n')
+        out.append(str(target))
+    return out
+
+
+def load(verbose: bool = False):
+    """Builds (if needed) and loads the emulated kernels; returns ``torch.ops.mtp_ext_emu``."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the environment's ninja, when Python runs from a venv
+        os.environ["PATH"] = (
+            os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        )
+    if not hasattr(torch.ops, "mtp_ext_emu") or not hasattr(torch.ops.mtp_ext_emu, "softmax_topk"):
+        cpp_extension.load(
+            name=NAME,
+            sources=sources(),
+            extra_include_paths=[
+                str(EMULATOR / "include"),
+                str(EMULATOR),
+                str(CSRC / "kernels"),
+                str(CSRC),
+            ],
+            extra_cflags=[
+                "-O2",
+                "-g0",
+                "-mpopcnt",
+                "-Wno-unknown-pragmas",
+                "-DMTP_EXT_CUDA_EMULATED",
+            ],
+            build_directory=str(BUILD),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    return torch.ops.mtp_ext_emu
+
+
+# The ops with a CUDA launcher (csrc/cuda/*.cpp): every op of csrc/ops.cpp.
+OPS = (
+    "softmax_topk",
+    "marginalize",
+    "topk_marginalize",
+    "fused_mtp_heads",
+    "small_batch_linear",
+    "verify_tree",
+    "verify_tree_from_hidden",
+    "tree_attention_mask",
+    "compact_kv",
+)
+
+
+def route_cpu_ops_to_emulator():
+    """Makes ``torch.ops.mtp_ext.<op>`` on CPU tensors run the emulated CUDA kernels.
+
+    Returns the ``torch.library.Library`` holding the overrides: they last while it is alive, and
+    its ``_destroy()`` gives the CPU kernels back. For running whole CPU test files on the CUDA code
+    path (``pytest --cuda-emulator``).
+    """
+    import torch
+
+    emu = load()
+    lib = torch.library.Library("mtp_ext", "IMPL")
+    for name in OPS:
+        op = getattr(emu, name)
+
+        def run(*args, _op=op, **kwargs):
+            return _op(*args, **kwargs)
+
+        lib.impl(name, run, "CPU")
+    return lib
+
+
+if __name__ == "__main__":
+    load(verbose=True)
+    print("built and loaded", NAME)

@@ -1,0 +1,329 @@
+"""The CUDA kernels on the CPU, under the emulator of ``csrc/emulator`` (see tests/cuda_emulator.py).
+
+Two parts:
+
+* the emulator itself: warp and block reductions give the right values, and the faults a GPU would
+  hang on or silently get wrong (a barrier not every thread reaches, a shuffle waiting on an exited
+  lane, masks that leave out the caller or are read outside, dynamic shared memory over 48 KB
+  without the opt-in) are reported; the order of the threads' turns changes what a racy kernel
+  reads, so running under several orders exposes missing barriers;
+* every op's CUDA path (launcher, kernels, fallbacks) against the CPU kernel on the same inputs:
+  integers exactly, floats within the float32 tolerance, for every storage dtype and under the
+  three scheduling orders.
+
+The whole CPU test files run on the CUDA path with ``pytest --cuda-emulator`` (scripts/test.sh runs
+them that way too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+from cuda_emulator import BUILD, NAME, load
+from helpers import assert_close, rand, randn
+
+from mtp_ext import ops
+
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+SCHEDULES = ["forward", "reverse", "random:7"]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load()
+
+
+@pytest.fixture(scope="module")
+def selftest(emu):
+    lib = ctypes.CDLL(str(BUILD / f"{NAME}.so"))
+    fn = lib.cuda_emu_selftest
+    fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def run(name: str, ints: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        ints = torch.zeros(512, dtype=torch.int32) if ints is None else ints
+        message = ctypes.create_string_buffer(1024)
+        fn(name.encode(), ctypes.cast(ints.data_ptr(), ctypes.POINTER(ctypes.c_int)), message, 1024)
+        return ints, message.value.decode()
+
+    return run
+
+
+@pytest.fixture(params=SCHEDULES)
+def schedule(request, monkeypatch):
+    monkeypatch.setenv("CUDA_EMU_SCHEDULE", request.param)
+    return request.param
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulator
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
+    ints = torch.zeros(512, dtype=torch.int32)
+    values = torch.randint(
+        0, 1000, (128,), generator=torch.Generator().manual_seed(1), dtype=torch.int32
+    )
+    ints[:128] = values
+    out, message = selftest("reductions", ints)
+    assert message == ""
+    res = out[128:]
+    assert int(res[0]) == int(values.sum())
+    odd = (values % 2 != 0).view(4, 32)
+    for w in range(4):
+        expected = sum(1 << i for i in range(32) if odd[w, i])
+        assert int(res[1 + w]) & 0xFFFFFFFF == expected
+    mod3 = (values % 3).view(4, 32)
+    for t in range(128):
+        w, lane = divmod(t, 32)
+        expected = sum(1 << i for i in range(32) if mod3[w, i] == mod3[w, lane])
+        assert int(res[64 + t]) & 0xFFFFFFFF == expected
+    shifted = values.view(4, 32).clone()
+    shifted[:, 3:] = values.view(4, 32)[:, :-3]
+    assert torch.equal(res[192:320], shifted.flatten())
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("deadlock", "deadlock"),
+        ("exited_lane", "has exited"),
+        ("mask", "leaves out the calling lane"),
+        ("outside_mask", "outside the mask"),
+        ("smem_over_48k", "launch: invalid argument"),
+        ("block_too_large", "launch: invalid configuration"),
+    ],
+)
+def test_faults_are_reported(selftest, case, expected):
+    _, message = selftest(case)
+    assert expected in message, message
+
+
+def test_opt_in_allows_more_than_48k(selftest):
+    out, message = selftest("smem_opt_in")
+    assert message == ""
+    assert torch.all(out[:32] == -1)  # poisoned: 0xffffffff until written
+
+
+def test_dynamic_shared_memory_starts_poisoned(selftest):
+    out, message = selftest("dynamic")
+    assert message == ""
+    assert torch.all(out[:32] == -1)
+
+
+def test_schedule_order_exposes_a_missing_barrier(selftest, monkeypatch):
+    seen = {}
+    for order in SCHEDULES:
+        monkeypatch.setenv("CUDA_EMU_SCHEDULE", order)
+        out, message = selftest("race")
+        assert message == ""
+        seen[order] = out[:64].clone()
+    assert torch.all(seen["forward"] == 1)  # thread 0 ran first: everybody sees its write
+    assert int(seen["reverse"][63]) == 0 and int(seen["reverse"][0]) == 1
+
+
+@pytest.fixture(scope="module")
+def launches(emu):
+    fn = ctypes.CDLL(str(BUILD / f"{NAME}.so")).cuda_emu_launches
+    fn.restype = ctypes.c_uint64
+    return fn
+
+
+def test_routing_runs_the_cuda_path_until_destroyed(emu, launches):
+    from cuda_emulator import route_cpu_ops_to_emulator
+
+    x = randn(2, 300, seed=1)
+    before = launches()
+    ops.softmax_topk(x, 3)
+    assert launches() == before  # torch.ops.mtp_ext keeps the CPU kernels while loaded
+    emu.softmax_topk(x, 3)
+    assert launches() == before + 2  # partial + merge
+    lib = route_cpu_ops_to_emulator()
+    try:
+        routed = ops.softmax_topk(x, 3)
+        assert launches() == before + 4
+    finally:
+        lib._destroy()
+    cpu = ops.softmax_topk(x, 3)
+    assert launches() == before + 4  # the CPU kernel is back
+    assert torch.equal(routed[1], cpu[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Every op's CUDA path against the CPU kernel
+# ------------------------------------------------------------------------------------------------
+
+
+def compare(actual, expected, what, tol=(1e-5, 1e-6)):
+    if isinstance(expected, torch.Tensor):
+        actual, expected = [actual], [expected]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.dtype == e.dtype, (
+            f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+        )
+        if a.is_floating_point():
+            assert_close(a, e, tol, f"{what}[{i}] differs", equal_nan=True)
+        else:
+            assert torch.equal(a, e), f"{what}[{i}] differs"
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("v, k", [(1, 1), (37, 5), (8191, 1), (8193, 64), (20000, 7), (3001, 65)])
+def test_softmax_topk(emu, schedule, dtype, v, k):
+    x = randn(3, v, dtype=dtype, seed=v + k, scale=3.0)
+    x[0, : min(v, 40)] = x[0, 0]  # ties toward the lower id
+    compare(emu.softmax_topk(x, k, 0.7), torch.ops.mtp_ext.softmax_topk(x, k, 0.7), "softmax_topk")
+
+
+def test_softmax_topk_strided_nan_and_inf(emu, schedule):
+    x = randn(4, 9000, dtype=BF16, seed=3, scale=3.0)
+    x[1, 17] = float("nan")
+    x[2, :] = float("-inf")
+    x[3, 5] = float("inf")
+    view = x[:, ::2]
+    compare(emu.softmax_topk(view, 6), torch.ops.mtp_ext.softmax_topk(view, 6), "softmax_topk")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
+    x = randn(2, 5, 9000, dtype=dtype, seed=4, scale=3.0)
+    w = rand(2, 5, seed=5)
+    compare(
+        emu.marginalize(x, w, renormalize),
+        torch.ops.mtp_ext.marginalize(x, w, renormalize),
+        "marginalize",
+    )
+    for m in (1, 10, 64, 200):
+        compare(
+            emu.topk_marginalize(x, w, m, renormalize),
+            torch.ops.mtp_ext.topk_marginalize(x, w, m, renormalize),
+            f"topk_marginalize m={m}",
+        )
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize(
+    "n, h, d, v, k",
+    [(1, 1, 8, 50, 1), (3, 4, 64, 3000, 5), (17, 4, 40, 1000, 64), (5, 3, 36, 700, 9)],
+)
+def test_fused_mtp_heads(emu, schedule, dtype, n, h, d, v, k):
+    hidden = randn(n, d, dtype=dtype, seed=1)
+    weight = randn(h, d, d, dtype=dtype, seed=2, scale=d**-0.5)
+    bias = randn(h, d, dtype=dtype, seed=3, scale=0.1)
+    lm_head = randn(v, d, dtype=dtype, seed=4, scale=0.4)
+    nw = (1 + randn(d, seed=5, scale=0.1)).to(dtype)
+    args = (hidden, weight, bias, lm_head, k, nw, 1e-6, None)
+    compare(
+        emu.fused_mtp_heads(*args),
+        torch.ops.mtp_ext.fused_mtp_heads(*args),
+        "fused_mtp_heads",
+        (1e-4, 1e-4),
+    )
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_small_batch_linear(emu, dtype, rows):
+    x = randn(rows, 72, dtype=dtype, seed=rows)
+    w = randn(300, 72, dtype=dtype, seed=2, scale=0.1)
+    b = randn(300, dtype=dtype, seed=3)
+    tol = {F32: (1e-5, 1e-5), BF16: (2.0**-7, 1e-5)}[dtype]
+    compare(
+        emu.small_batch_linear(x, w, b),
+        torch.ops.mtp_ext.small_batch_linear(x, w, b),
+        "small_batch_linear",
+        tol,
+    )
+
+
+def medusa_tree():
+    return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])
+
+
+def verify_inputs(seed, b=3, v=3001, dtype=BF16):
+    par = medusa_tree()
+    t = par.numel()
+    logits = randn(b, t, v, dtype=dtype, seed=seed, scale=3.0)
+    targets = logits.float().argmax(-1)
+    draft = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(seed))
+    hit = torch.rand(b, t, generator=torch.Generator().manual_seed(seed + 1)) < 0.7
+    draft = torch.where(hit, targets.gather(1, par.clamp(min=0).expand(b, t)), draft)
+    return draft, par, logits, rand(b, t, seed=seed + 2)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 20, 0.8), (1.2, 0, 0.9), (1.0, 100, 1.0)],
+)
+def test_verify_tree(emu, schedule, temperature, top_k, top_p):
+    draft, par, logits, u = verify_inputs(3)
+    args = (draft, par, logits, temperature, top_k, top_p, None if temperature == 0 else u)
+    compare(emu.verify_tree(*args), torch.ops.mtp_ext.verify_tree(*args), "verify_tree")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_verify_tree_from_hidden(emu, schedule, dtype):
+    b, t, d, v = 2, 10, 48, 700
+    draft, par, _, _ = verify_inputs(5, b=b, v=v)
+    hidden = randn(b, t, d, dtype=dtype, seed=6)
+    lm_head = randn(v, d, dtype=dtype, seed=7, scale=0.3)
+    nw = (1 + randn(d, seed=8, scale=0.1)).to(dtype)
+    args = (draft, par, hidden, lm_head, nw, 1e-6)
+    compare(
+        emu.verify_tree_from_hidden(*args),
+        torch.ops.mtp_ext.verify_tree_from_hidden(*args),
+        "verify_tree_from_hidden",
+    )
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16, torch.float64])
+def test_tree_attention_mask(emu, dtype):
+    parents = torch.stack([medusa_tree(), torch.tensor([-1] + list(range(9)))])
+    compare(
+        emu.tree_attention_mask(parents, 5, dtype),
+        torch.ops.mtp_ext.tree_attention_mask(parents, 5, dtype),
+        "mask",
+    )
+
+
+def test_compact_kv(emu, schedule):
+    cache = randn(3, 4, 20, 16, dtype=BF16, seed=9)
+    path = torch.tensor([[0, 2, 3, 4, 5, 5], [0, 3, 4, 4, 5, 5], [0, 1, 2, 3, 4, 5]])
+    num = torch.tensor([4, 2, 0])
+    a, b = cache.clone(), cache.clone()
+    emu.compact_kv(a, path, num, 10)
+    torch.ops.mtp_ext.compact_kv(b, path, num, 10)
+    assert torch.equal(a, b)
+
+
+def test_merge_past_the_48kb_line(emu):
+    # 96 chunks x 64 candidates x 8 bytes = 48 KB of dynamic shared memory: the opt-in path.
+    x = randn(1, 96 * 8192, dtype=BF16, seed=11, scale=3.0)
+    compare(emu.softmax_topk(x, 64), torch.ops.mtp_ext.softmax_topk(x, 64), "softmax_topk")
+
+
+def test_translate_rewrites_launches_and_dynamic_shared_memory():
+    from cuda_emulator import translate
+
+    src = (
+        "__global__ void k(int* p) { extern __shared__ __align__(16) float dyn[]; }\n"
+        "void go(cudaStream_t s) {\n"
+        "  k<<<dim3(2, 3), 64, 0, s>>>(p);\n"
+        "  other_kernel<T, 16><<<grid,\n      kThreads, smem, s>>>(a, b);\n"
+        "}\n"
+    )
+    out = translate(src, "k.cu")
+    assert "float* dyn = ::cuda_emu::dynamic_shared<float>();" in out
+    assert "::cuda_emu::launch(k, ::cuda_emu::LaunchConfig(dim3(2, 3), 64, 0, s))(p);" in out
+    assert (
+        "::cuda_emu::launch(other_kernel<T, 16>, ::cuda_emu::LaunchConfig(grid,\n      kThreads, smem, s))(a, b);"
+        in out
+    )
+    # Line numbers are kept: the original's lines follow the include and the #line directive.
+    assert out.count("\n") == src.count("\n") + 2
+    with pytest.raises(ValueError, match="cannot translate"):
+        translate("void f() { (k)<<<1, 1>>>(); }")
