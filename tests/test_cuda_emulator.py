@@ -3,9 +3,9 @@
 Two parts:
 
 * the emulator itself: warp and block reductions give the right values, and the faults a GPU would
-  hang on or silently get wrong (a barrier not every thread reaches, a shuffle waiting on an exited
-  lane, masks that leave out the caller or are read outside, dynamic shared memory over 48 KB
-  without the opt-in) are reported; the order of the threads' turns changes what a racy kernel
+  hang on, trap on or silently get wrong (a barrier not every thread reaches, a shuffle waiting on
+  an exited lane, masks that leave out the caller or are read outside, a misaligned vector load,
+  dynamic shared memory over 48 KB without the opt-in) are reported; the order of the threads' turns changes what a racy kernel
   reads, so running under several orders exposes missing barriers;
 * every op's CUDA path (launcher, kernels, fallbacks) against the CPU kernel on the same inputs:
   integers exactly, floats within the float32 tolerance, for every storage dtype and under the
@@ -93,6 +93,7 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("exited_lane", "has exited"),
         ("mask", "leaves out the calling lane"),
         ("outside_mask", "outside the mask"),
+        ("misaligned", "misaligned load of 16 bytes"),
         ("smem_over_48k", "launch: invalid argument"),
         ("block_too_large", "launch: invalid configuration"),
     ],

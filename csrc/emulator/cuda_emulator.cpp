@@ -333,6 +333,12 @@ void* dynamic_shared_memory() {
   return g_block->dynamic;
 }
 
+void misaligned_load(const void* p, size_t alignment) {
+  std::ostringstream s;
+  s << "misaligned load of " << alignment << " bytes at " << p;
+  fault_here(s.str());
+}
+
 void sync_threads() {
   Block& b = *g_block;
   Lane& l = current_lane();

@@ -22,7 +22,8 @@
 // device's maximum) set the last error and run nothing, as on a GPU. Dynamic shared memory starts filled with 0xff bytes (NaN as float) at every
 // block, so reads of it before a write show. Static `__shared__` variables become function
 // statics: shared by the block's fibers, kept between blocks (zero at first), never poisoned.
-// Atomics need no locking: fibers switch only at synchronization points.
+// Atomics need no locking: fibers switch only at synchronization points. Threads that have exited
+// count as arrived at __syncthreads, as on current GPUs. __ldg checks its address's alignment.
 //
 // The device: CUDA_EMU_SMS streaming multiprocessors (default 132, an H200), 227 KB of opt-in
 // shared memory per block. Launches run synchronously, one at a time (the emulator's state is
@@ -118,8 +119,13 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(static_cast<unsigned>(v)); }
+namespace cuda_emu {
+// Faults the running thread: a load from an address not aligned to its type (a GPU traps).
+[[noreturn]] void misaligned_load(const void* p, size_t alignment);
+}  // namespace cuda_emu
 template <typename T>
 inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) cuda_emu::misaligned_load(p, alignof(T));
   return *p;
 }
 

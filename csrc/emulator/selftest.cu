@@ -69,6 +69,12 @@ __global__ void dynamic_kernel(unsigned* out) {
   out[threadIdx.x] = dyn[threadIdx.x];
 }
 
+// A 16-byte load from an address 4 bytes past a 16-byte boundary.
+__global__ void misaligned_kernel(const int* in, int* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(in + 1));
+  out[threadIdx.x] = static_cast<int>(v.x);
+}
+
 std::string run(const char* name, int* ints) {
   cudaGetLastError();
   if (std::strcmp(name, "reductions") == 0) {
@@ -90,6 +96,8 @@ std::string run(const char* name, int* ints) {
   } else if (std::strcmp(name, "smem_opt_in") == 0) {
     cudaFuncSetAttribute(dynamic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
     dynamic_kernel<<<1, 32, 64 * 1024>>>(reinterpret_cast<unsigned*>(ints));
+  } else if (std::strcmp(name, "misaligned") == 0) {
+    misaligned_kernel<<<1, 32>>>(ints, ints + 256);
   } else if (std::strcmp(name, "block_too_large") == 0) {
     race_kernel<<<1, 2048>>>(ints);
   } else {
