@@ -116,6 +116,67 @@ def readable(mangled: list[str]) -> list[str]:
     return names
 
 
+# Per SM: registers, shared memory usable by blocks, threads, blocks (CUDA occupancy limits).
+SM_LIMITS = {
+    "sm_80": {"regs": 65536, "smem": 167936, "threads": 2048, "blocks": 32},
+    "sm_90": {"regs": 65536, "smem": 233472, "threads": 2048, "blocks": 32},
+}
+_BOUNDS = re.compile(r"__launch_bounds__\((\w+)\)\s+(\w+)\s*\(")
+_LAUNCH_SITE = re.compile(r"(\w+)(?:<[^<>;()]*>)?\s*<<<(.*?)>>>", re.DOTALL)
+_CONSTANT = re.compile(r"constexpr int (\w+) = (\d+);")
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Splits a launch configuration at the commas outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _value(expr: str, constants: dict[str, int]) -> int | None:
+    """An integer literal or a named constant of the file; None otherwise."""
+    expr = expr.strip()
+    return int(expr) if expr.isdigit() else constants.get(expr)
+
+
+def block_sizes() -> dict[str, int]:
+    """Threads per block of each kernel: its __launch_bounds__, else the block size of its launch
+    sites (when a literal or a named constant), by kernel name without template arguments."""
+    sizes: dict[str, int] = {}
+    for source in KERNELS.glob("*.cu"):
+        text = source.read_text()
+        constants = {k: int(v) for k, v in _CONSTANT.findall(text)}
+        for bound, name in _BOUNDS.findall(text):
+            if (n := _value(bound, constants)) is not None:
+                sizes[name] = n
+        for name, config in _LAUNCH_SITE.findall(text):
+            args = _top_level_split(config)
+            if (
+                name not in sizes
+                and len(args) > 1
+                and (n := _value(args[1], constants)) is not None
+            ):
+                sizes[name] = n
+    return sizes
+
+
+def blocks_per_sm(row: dict, threads: int) -> int:
+    """Resident blocks per SM from registers (8-register, 256-per-warp granules), static shared
+    memory (plus the 1 KB each block reserves), threads and the block limit."""
+    lim = SM_LIMITS.get(row["arch"])
+    if lim is None or threads <= 0:
+        return 0
+    warps = -(-threads // 32)
+    regs_per_warp = -(-(-(-row["registers"] // 8) * 8 * 32) // 256) * 256
+    by_regs = lim["regs"] // max(warps * regs_per_warp, 1)
+    by_smem = lim["smem"] // (row["smem"] + 1024)
+    return min(by_regs, by_smem, lim["threads"] // threads, lim["blocks"])
+
+
 def problems(row: dict) -> list[str]:
     """What would make a launch fail: more static shared memory than a launch gets by default."""
     if row["smem"] > STATIC_SMEM_LIMIT:
@@ -135,20 +196,29 @@ def local_memory(row: dict) -> list[str]:
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = [
-        "# CUDA kernels: registers and shared memory (ptxas)",
+        "# CUDA kernels: registers, shared memory and occupancy (ptxas)",
         "",
         f"Produced by `{command}` (nvcc -Xptxas -v; no GPU involved). Registers are per thread;",
         "shared memory is the static part (the top-k merge adds its candidates as dynamic shared",
         "memory at launch). Stack and spills are bytes of local memory per thread: a stack frame holds",
         "a per-thread array indexed at run time (the sampling kernels' kept candidates).",
+        "Threads per block come from each kernel's `__launch_bounds__` or its launch sites; resident",
+        "blocks (and warps) per SM are what registers, static shared memory and the SM's thread and",
+        "block limits allow, out of 64 warps (dynamic shared memory not counted).",
         "",
-        "| kernel | file | arch | registers | static smem (B) | stack (B) | spill stores / loads (B) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        (
+            "| kernel | file | arch | threads / block | registers | static smem (B) "
+            "| blocks (warps) / SM | stack (B) | spill stores / loads (B) |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["source"], r["name"], r["arch"])):
+        threads = r.get("threads") or 0
+        blocks = blocks_per_sm(r, threads)
+        resident = f"{blocks} ({blocks * -(-threads // 32)})" if threads else "?"
         lines.append(
-            f"| `{r['name']}` | {r['source']} | {r['arch']} | {r['registers']} | {r['smem']} | {r['stack']} | "
-            f"{r['spill_stores']} / {r['spill_loads']} |"
+            f"| `{r['name']}` | {r['source']} | {r['arch']} | {threads or '?'} | {r['registers']} "
+            f"| {r['smem']} | {resident} | {r['stack']} | {r['spill_stores']} / {r['spill_loads']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -170,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for (src, _), rep in zip(jobs, reports) for row in parse(rep, src.name)]
     if not rows:
         sys.exit("cuda_resources.py: ptxas reported no kernels")
+    sizes = block_sizes()
     for row, name in zip(rows, readable([r["mangled"] for r in rows])):
         row["name"] = name
+        row["threads"] = sizes.get(name.split("<")[0])
     bad = [(r, p) for r in rows for p in problems(r)]
     kernels = len({(r["source"], r["name"]) for r in rows})
     print(
