@@ -2,7 +2,7 @@
 
 Compiles every ``csrc/kernels/*.cu`` for each architecture with ``nvcc -Xptxas -v`` (no GPU needed)
 and reads, for every kernel instantiation: registers per thread, static shared memory, stack frame
-and spills. Fails (exit status 1) when a kernel uses more than 48 KB of static shared memory (its
+and spills; with the block size of its launches, how many blocks fit on one SM. Fails (exit status 1) when a kernel uses more than 48 KB of static shared memory (its
 launches would fail); lists the kernels that use local memory (spills, stack frames), which costs
 speed only. ``--markdown FILE`` writes the table.
 
