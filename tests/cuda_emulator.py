@@ -36,15 +36,61 @@ _DYNAMIC_SHARED = re.compile(
 )
 
 
+# A static `__shared__ [__align__(n)] Type name[dims];` declaration inside a kernel.
+_STATIC_SHARED = re.compile(
+    r"(?<!extern )__shared__\s+(?:__align__\(\d+\)\s+)?"
+    r"([A-Za-z_][\w:]*(?:<[^;<>]*>)?)\s+(\w+)((?:\s*\[[^\]]*\])*)\s*;"
+)
+# A kernel that is not a template: `__global__ void [__launch_bounds__(n)] name(`.
+_KERNEL = re.compile(r"(?<!>\n)__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
+
+
+def _note_static_shared(source: str) -> str:
+    """After each static ``__shared__`` declaration, a call that tells the emulator its address and
+    size (it poisons the memory at each block and checks the block's total against the limit)."""
+    return _STATIC_SHARED.sub(
+        lambda m: f"{m.group(0)} ::cuda_emu::note_shared(&{m.group(2)}, sizeof({m.group(2)}));",
+        source,
+    )
+
+
+def _declare_static_shared(source: str) -> str:
+    """After each non-template kernel with static shared memory, a registration of its size, which
+    cudaFuncGetAttributes reports (launchers query it before the first launch)."""
+    out, pos = [], 0
+    for m in _KERNEL.finditer(source):
+        body = source.index("{", m.end())
+        depth, end = 0, body
+        for end in range(body, len(source)):
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+        sizes = [
+            f"sizeof({t}{dims})" for t, _, dims in _STATIC_SHARED.findall(source[body : end + 1])
+        ]
+        if not sizes:
+            continue
+        out.append(source[pos : end + 1])
+        out.append(
+            f" static const bool cuda_emu_static_shared_{m.group(1)} ="
+            f" ::cuda_emu::declare_static_shared(reinterpret_cast<const void*>(&{m.group(1)}),"
+            f" {' + '.join(sizes)});"
+        )
+        pos = end + 1
+    return "".join(out) + source[pos:]
+
+
 def translate(source: str, path: str = "") -> str:
-    """The C++ form of a CUDA source for the emulator: launches and dynamic shared memory rewritten.
+    """The C++ form of a CUDA source for the emulator: launches and dynamic shared memory rewritten,
+    static shared memory reported to the emulator (every change stays on its line).
 
     Raises ValueError if a launch or an ``extern __shared__`` declaration is left that the rewrite
     did not understand (so a new construct fails the build instead of being skipped).
     """
+    out = _note_static_shared(_declare_static_shared(source))
     out = _LAUNCH.sub(
         lambda m: f"::cuda_emu::launch({m.group(1)}, ::cuda_emu::LaunchConfig({m.group(2)}))(",
-        source,
+        out,
     )
     out = _DYNAMIC_SHARED.sub(
         lambda m: f"{m.group(1)}* {m.group(2)} = ::cuda_emu::dynamic_shared<{m.group(1)}>();", out

@@ -95,6 +95,7 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("outside_mask", "outside the mask"),
         ("misaligned", "misaligned load of 16 bytes"),
         ("smem_over_48k", "launch: invalid argument"),
+        ("static_plus_dynamic_over_48k", "the launch fails on a GPU"),
         ("block_too_large", "launch: invalid configuration"),
     ],
 )
@@ -107,6 +108,30 @@ def test_opt_in_allows_more_than_48k(selftest):
     out, message = selftest("smem_opt_in")
     assert message == ""
     assert torch.all(out[:32] == -1)  # poisoned: 0xffffffff until written
+
+
+def test_static_shared_memory_counts_and_the_opt_in_lifts_the_limit(selftest):
+    out, message = selftest("static_plus_dynamic_opt_in")
+    assert message == ""
+    assert int(out[1]) == 2048  # cudaFuncGetAttributes reports the kernel's static 2 KB
+    assert int(out[0]) == 3
+
+
+def test_static_shared_memory_is_poisoned_at_every_block(selftest):
+    out, message = selftest("stale_static")
+    assert message == ""
+    assert torch.all(out[:2] == -1)  # block 1 does not see block 0's 42
+
+
+def test_block_order_follows_the_schedule(selftest, monkeypatch):
+    for order, expected in [("forward", [0, 1, 2, 3]), ("reverse", [3, 2, 1, 0])]:
+        monkeypatch.setenv("CUDA_EMU_SCHEDULE", order)
+        out, message = selftest("block_order")
+        assert message == ""
+        assert out[1:5].tolist() == expected
+    monkeypatch.setenv("CUDA_EMU_SCHEDULE", "random:7")
+    out, _ = selftest("block_order")
+    assert sorted(out[1:5].tolist()) == [0, 1, 2, 3]
 
 
 def test_dynamic_shared_memory_starts_poisoned(selftest):
@@ -301,9 +326,12 @@ def test_compact_kv(emu, schedule):
     assert torch.equal(a, b)
 
 
-def test_merge_past_the_48kb_line(emu):
-    # 96 chunks x 64 candidates x 8 bytes = 48 KB of dynamic shared memory: the opt-in path.
-    x = randn(1, 96 * 8192, dtype=BF16, seed=11, scale=3.0)
+@pytest.mark.parametrize("chunks", [95, 96])
+def test_merge_at_the_48kb_line(emu, chunks):
+    # chunks x 64 candidates x 8 bytes of dynamic shared memory: 47.5 KB is under 48 KB alone but
+    # not with the merge kernel's static shared memory, so both need the opt-in (the emulator
+    # fails a launch that lacks it).
+    x = randn(1, chunks * 8192, dtype=BF16, seed=11, scale=3.0)
     compare(emu.softmax_topk(x, 64), torch.ops.mtp_ext.softmax_topk(x, 64), "softmax_topk")
 
 

@@ -56,7 +56,7 @@ Position* g_position = nullptr;
 namespace {
 
 constexpr size_t kDefaultSmem = 48 * 1024;
-constexpr int kMaxOptinSmem = 227 * 1024;
+constexpr size_t kMaxOptinSmem = 227 * 1024;
 constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kGuardBytes = 4096;
 
@@ -91,11 +91,16 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::string fault;
   void* dynamic = nullptr;
+  // The launch's kernel and dynamic shared memory; the static variables this block has reached.
+  const void* kernel = nullptr;
+  size_t dynamic_bytes = 0, static_bytes = 0;
+  std::vector<const void*> statics;
 };
 
 Block* g_block = nullptr;
 uint64_t g_launches = 0;
 cudaError_t g_last_error = cudaSuccess;
+std::unordered_map<const void*, size_t> g_static_shared;
 std::unordered_map<const void*, int> g_optin;
 std::vector<char*> g_stacks;
 
@@ -279,7 +284,7 @@ void run_block(Block& b, const dim3& grid, const dim3& block, const uint3& block
 }  // namespace
 
 cudaError_t set_last_error(cudaError_t e) {
-  if (g_last_error == cudaSuccess) g_last_error = e;
+  g_last_error = e;  // the most recent error, as the runtime keeps it
   return e;
 }
 
@@ -303,7 +308,8 @@ const char* error_string(cudaError_t e) {
 }
 
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes) {
-  if (bytes < 0 || bytes > kMaxOptinSmem) return set_last_error(cudaErrorInvalidValue);
+  if (bytes < 0 || static_cast<size_t>(bytes) + static_shared(kernel) > kMaxOptinSmem)
+    return set_last_error(cudaErrorInvalidValue);
   g_optin[kernel] = bytes;
   return cudaSuccess;
 }
@@ -323,7 +329,7 @@ int device_attribute(cudaDeviceAttr attr) {
     case cudaDevAttrMaxSharedMemoryPerBlock:
       return static_cast<int>(kDefaultSmem);
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      return kMaxOptinSmem;
+      return static_cast<int>(kMaxOptinSmem);
   }
   return 0;
 }
@@ -331,6 +337,35 @@ int device_attribute(cudaDeviceAttr attr) {
 void* dynamic_shared_memory() {
   current_lane();
   return g_block->dynamic;
+}
+
+bool declare_static_shared(const void* kernel, size_t bytes) {
+  g_static_shared[kernel] = bytes;
+  return true;
+}
+
+size_t static_shared(const void* kernel) {
+  const auto it = g_static_shared.find(kernel);
+  return it == g_static_shared.end() ? 0 : it->second;
+}
+
+void note_shared(void* variable, size_t bytes) {
+  Block& b = *g_block;
+  current_lane();
+  if (std::find(b.statics.begin(), b.statics.end(), variable) != b.statics.end()) return;
+  b.statics.push_back(variable);
+  std::memset(variable, 0xff, bytes);  // as uninitialized as shared memory is
+  b.static_bytes += bytes;
+  const bool opted_in = g_optin.count(b.kernel) != 0;
+  const size_t limit = opted_in ? kMaxOptinSmem : kDefaultSmem;
+  if (b.static_bytes + b.dynamic_bytes > limit) {
+    std::ostringstream s;
+    s << "static (" << b.static_bytes << " B so far) plus dynamic (" << b.dynamic_bytes
+      << " B) shared memory exceed the " << limit << " B a launch gets"
+      << (opted_in ? "" : " without the opt-in (cudaFuncSetAttribute)")
+      << ": the launch fails on a GPU";
+    fault_here(s.str());
+  }
 }
 
 void misaligned_load(const void* p, size_t alignment) {
@@ -405,14 +440,14 @@ uint64_t warp_collective(Collective op, unsigned mask, uint64_t value, int param
       case Collective::ShflIdx:
         src = seg + (((dst.param % dst.width) + dst.width) % dst.width);
         break;
-      case Collective::ShflUp:
-        src = (l - seg) < dst.param ? l : l - dst.param;
+      case Collective::ShflUp:  // offsets and lane masks are taken modulo 32, as PTX does
+        src = (l - seg) < (dst.param & 31) ? l : l - (dst.param & 31);
         break;
       case Collective::ShflDown:
-        src = (l - seg) + dst.param >= dst.width ? l : l + dst.param;
+        src = (l - seg) + (dst.param & 31) >= dst.width ? l : l + (dst.param & 31);
         break;
       case Collective::ShflXor:
-        src = l ^ dst.param;
+        src = l ^ (dst.param & 31);
         if (src >= seg + dst.width || src < 0 || src > 31) src = l;
         break;
       case Collective::Ballot:
@@ -469,15 +504,32 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   Block b;
   b.body = &body;
   b.dynamic = c.smem > 0 ? aligned : nullptr;
+  b.kernel = kernel;
+  b.dynamic_bytes = c.smem;
+  // The order of the blocks follows the schedule setting too (races between blocks).
+  const uint64_t blocks = uint64_t(g.x) * g.y * g.z;
+  std::vector<uint64_t> order;
+  if (setting != "forward") {
+    order.resize(blocks);
+    for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+    if (setting == "reverse") {
+      std::reverse(order.begin(), order.end());
+    } else {
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+  }
   g_block = &b;
   try {
-    for (unsigned z = 0; z < g.z; ++z)
-      for (unsigned y = 0; y < g.y; ++y)
-        for (unsigned x = 0; x < g.x; ++x) {
-          std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
-          run_block(b, g, k, uint3{x, y, z}, setting, rng);
-          if (!b.fault.empty()) throw std::runtime_error("cuda_emu: " + b.fault);
-        }
+    for (uint64_t i = 0; i < blocks; ++i) {
+      const uint64_t linear = order.empty() ? i : order[i];
+      const uint3 idx{static_cast<unsigned>(linear % g.x), static_cast<unsigned>(linear / g.x % g.y),
+                      static_cast<unsigned>(linear / (uint64_t(g.x) * g.y))};
+      std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
+      b.statics.clear();
+      b.static_bytes = 0;
+      run_block(b, g, k, idx, setting, rng);
+      if (!b.fault.empty()) throw std::runtime_error("cuda_emu: " + b.fault);
+    }
   } catch (...) {
     g_block = nullptr;
     throw;

@@ -19,9 +19,13 @@
 // lane), collectives whose mask leaves out the calling lane or names a lane that does not exist,
 // shuffles from lanes outside the mask, mismatched collectives. Launch configurations CUDA rejects
 // (block size, grid limits, dynamic shared memory over 48 KB without the opt-in or over the
-// device's maximum) set the last error and run nothing, as on a GPU. Dynamic shared memory starts filled with 0xff bytes (NaN as float) at every
-// block, so reads of it before a write show. Static `__shared__` variables become function
-// statics: shared by the block's fibers, kept between blocks (zero at first), never poisoned.
+// device's maximum) set the last error and run nothing, as on a GPU. Static plus dynamic shared
+// memory over what the launch allows is reported when a thread reaches the declaration. Blocks
+// run one after the other: in grid order, reversed under "reverse", shuffled under "random:<seed>".
+// Shared memory, dynamic and static, starts filled with 0xff bytes (NaN as float) at every block,
+// so reads of it before a write show. Static `__shared__` variables become function statics
+// (shared by the block's fibers), poisoned when the first thread of a block reaches them.
+// Lanes are stricter than PTX requires: a collective whose mask names an exited lane is a fault.
 // Atomics need no locking: fibers switch only at synchronization points. Threads that have exited
 // count as arrived at __syncthreads, as on current GPUs. __ldg checks its address's alignment.
 //
@@ -134,12 +138,15 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// CUDA's min / max: integers compare, floating point ignores NaN (fminf / fmaxf).
 template <typename T>
 inline T min(T a, T b) {
+  if constexpr (std::is_floating_point_v<T>) return std::fmin(a, b);
   return b < a ? b : a;
 }
 template <typename T>
 inline T max(T a, T b) {
+  if constexpr (std::is_floating_point_v<T>) return std::fmax(a, b);
   return a < b ? b : a;
 }
 
@@ -171,6 +178,13 @@ namespace cuda_emu {
 // Per-function opt-in of dynamic shared memory (cudaFuncSetAttribute), keyed by the kernel.
 cudaError_t set_max_dynamic_smem(const void* kernel, int bytes);
 int max_dynamic_smem(const void* kernel);
+// Static shared memory: the size a kernel declares (registered by the rewritten source for kernels
+// that are not templates, so cudaFuncGetAttributes reports it), and each static `__shared__`
+// variable as a thread reaches its declaration (poisoned at its first use in each block; the
+// block's total plus the dynamic size is checked against what the launch allows).
+bool declare_static_shared(const void* kernel, size_t bytes);
+size_t static_shared(const void* kernel);
+void note_shared(void* variable, size_t bytes);
 cudaError_t set_last_error(cudaError_t e);
 cudaError_t get_last_error(bool clear);
 int device_attribute(cudaDeviceAttr attr);
@@ -190,11 +204,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
   *value = cuda_emu::device_attribute(attr);
   return cudaSuccess;
 }
-// Static shared memory is not tracked: sharedSizeBytes is 0 (launch checks cover dynamic memory).
+// sharedSizeBytes: the static shared memory the kernel declares (0 for template kernels).
 template <typename F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* kernel) {
-  *attr = cudaFuncAttributes{0, 0, 0, 1024, 0,
-                             cuda_emu::max_dynamic_smem(reinterpret_cast<const void*>(kernel))};
+  const void* k = reinterpret_cast<const void*>(kernel);
+  *attr = cudaFuncAttributes{cuda_emu::static_shared(k), 0, 0, 1024, 0,
+                             cuda_emu::max_dynamic_smem(k)};
   return cudaSuccess;
 }
 template <typename F>

@@ -75,6 +75,32 @@ __global__ void misaligned_kernel(const int* in, int* out) {
   out[threadIdx.x] = static_cast<int>(v.x);
 }
 
+// 2 KB of static shared memory beside the dynamic part.
+__global__ void static_and_dynamic_kernel(int* out) {
+  __shared__ int table[512];
+  extern __shared__ int dyn_ints[];
+  if (threadIdx.x == 0) {
+    table[0] = 1;
+    dyn_ints[0] = 2;
+    out[0] = table[0] + dyn_ints[0];
+  }
+}
+
+// Reads static shared memory before any thread of the block writes it, then writes it: the
+// second block must not see what the first one wrote.
+__global__ void stale_static_kernel(int* out) {
+  __shared__ int kept;
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = kept;
+    kept = 42;
+  }
+}
+
+// Records the order in which the blocks run.
+__global__ void block_order_kernel(int* out) {
+  if (threadIdx.x == 0) out[1 + blockIdx.x] = atomicAdd(&out[0], 1);
+}
+
 std::string run(const char* name, int* ints) {
   cudaGetLastError();
   if (std::strcmp(name, "reductions") == 0) {
@@ -98,6 +124,19 @@ std::string run(const char* name, int* ints) {
     dynamic_kernel<<<1, 32, 64 * 1024>>>(reinterpret_cast<unsigned*>(ints));
   } else if (std::strcmp(name, "misaligned") == 0) {
     misaligned_kernel<<<1, 32>>>(ints, ints + 256);
+  } else if (std::strcmp(name, "static_plus_dynamic_over_48k") == 0) {
+    static_and_dynamic_kernel<<<1, 32, 47 * 1024>>>(ints);
+  } else if (std::strcmp(name, "static_plus_dynamic_opt_in") == 0) {
+    cudaFuncAttributes attr{};
+    cudaFuncGetAttributes(&attr, static_and_dynamic_kernel);
+    ints[1] = static_cast<int>(attr.sharedSizeBytes);
+    cudaFuncSetAttribute(static_and_dynamic_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         47 * 1024);
+    static_and_dynamic_kernel<<<1, 32, 47 * 1024>>>(ints);
+  } else if (std::strcmp(name, "stale_static") == 0) {
+    stale_static_kernel<<<2, 32>>>(ints);
+  } else if (std::strcmp(name, "block_order") == 0) {
+    block_order_kernel<<<4, 32>>>(ints);
   } else if (std::strcmp(name, "block_too_large") == 0) {
     race_kernel<<<1, 2048>>>(ints);
   } else {
