@@ -522,7 +522,8 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   try {
     for (uint64_t i = 0; i < blocks; ++i) {
       const uint64_t linear = order.empty() ? i : order[i];
-      const uint3 idx{static_cast<unsigned>(linear % g.x), static_cast<unsigned>(linear / g.x % g.y),
+      const uint3 idx{static_cast<unsigned>(linear % g.x),
+                      static_cast<unsigned>(linear / g.x % g.y),
                       static_cast<unsigned>(linear / (uint64_t(g.x) * g.y))};
       std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
       b.statics.clear();
