@@ -54,6 +54,21 @@ def _note_static_shared(source: str) -> str:
     )
 
 
+_BOUNDED_KERNEL = re.compile(r"__launch_bounds__\((\w+)\)\s+\w+\s*\(")
+
+
+def _check_launch_bounds(source: str) -> str:
+    """At the top of each kernel with ``__launch_bounds__(n)``, a check that the block has at most
+    n threads (a GPU refuses such a launch)."""
+    out, pos = [], 0
+    for m in _BOUNDED_KERNEL.finditer(source):
+        body = source.index("{", m.end())
+        out.append(source[pos : body + 1])
+        out.append(f" ::cuda_emu::check_launch_bounds({m.group(1)});")
+        pos = body + 1
+    return "".join(out) + source[pos:]
+
+
 def _declare_static_shared(source: str) -> str:
     """After each non-template kernel with static shared memory, a registration of its size, which
     cudaFuncGetAttributes reports (launchers query it before the first launch)."""
@@ -87,7 +102,7 @@ def translate(source: str, path: str = "") -> str:
     Raises ValueError if a launch or an ``extern __shared__`` declaration is left that the rewrite
     did not understand (so a new construct fails the build instead of being skipped).
     """
-    out = _note_static_shared(_declare_static_shared(source))
+    out = _check_launch_bounds(_note_static_shared(_declare_static_shared(source)))
     out = _LAUNCH.sub(
         lambda m: f"::cuda_emu::launch({m.group(1)}, ::cuda_emu::LaunchConfig({m.group(2)}))(",
         out,

@@ -96,12 +96,19 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("misaligned", "misaligned load of 16 bytes"),
         ("smem_over_48k", "launch: invalid argument"),
         ("static_plus_dynamic_over_48k", "the launch fails on a GPU"),
+        ("over_launch_bounds", "__launch_bounds__(64)"),
         ("block_too_large", "launch: invalid configuration"),
     ],
 )
 def test_faults_are_reported(selftest, case, expected):
     _, message = selftest(case)
     assert expected in message, message
+
+
+def test_launch_within_its_bounds_runs(selftest):
+    out, message = selftest("within_launch_bounds")
+    assert message == ""
+    assert torch.all(out[:64] == 1)
 
 
 def test_opt_in_allows_more_than_48k(selftest):

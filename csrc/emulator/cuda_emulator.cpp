@@ -368,6 +368,14 @@ void note_shared(void* variable, size_t bytes) {
   }
 }
 
+void check_launch_bounds(int max_threads) {
+  const dim3& d = current_lane().position.block_dim;
+  const int64_t threads = int64_t(d.x) * d.y * d.z;
+  if (threads > max_threads)
+    fault_here("a block of " + std::to_string(threads) + " threads for a kernel declared with " +
+               "__launch_bounds__(" + std::to_string(max_threads) + "): the launch fails on a GPU");
+}
+
 void misaligned_load(const void* p, size_t alignment) {
   std::ostringstream s;
   s << "misaligned load of " << alignment << " bytes at " << p;

@@ -50,7 +50,7 @@
 #define __shared__ static
 #define __constant__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // checked at run time: the rewrite adds check_launch_bounds
 
 // ---- Vector types -------------------------------------------------------------------------------
 struct dim3 {
@@ -185,6 +185,9 @@ int max_dynamic_smem(const void* kernel);
 bool declare_static_shared(const void* kernel, size_t bytes);
 size_t static_shared(const void* kernel);
 void note_shared(void* variable, size_t bytes);
+// Called at the top of a kernel declared with __launch_bounds__(max_threads): faults a launch
+// whose blocks have more threads (a GPU refuses it).
+void check_launch_bounds(int max_threads);
 cudaError_t set_last_error(cudaError_t e);
 cudaError_t get_last_error(bool clear);
 int device_attribute(cudaDeviceAttr attr);

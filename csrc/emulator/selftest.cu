@@ -96,6 +96,9 @@ __global__ void stale_static_kernel(int* out) {
   }
 }
 
+// Declared for at most 64 threads per block.
+__global__ void __launch_bounds__(64) bounded_kernel(int* out) { out[threadIdx.x] = 1; }
+
 // Records the order in which the blocks run.
 __global__ void block_order_kernel(int* out) {
   if (threadIdx.x == 0) out[1 + blockIdx.x] = atomicAdd(&out[0], 1);
@@ -137,6 +140,10 @@ std::string run(const char* name, int* ints) {
     stale_static_kernel<<<2, 32>>>(ints);
   } else if (std::strcmp(name, "block_order") == 0) {
     block_order_kernel<<<4, 32>>>(ints);
+  } else if (std::strcmp(name, "within_launch_bounds") == 0) {
+    bounded_kernel<<<1, 64>>>(ints);
+  } else if (std::strcmp(name, "over_launch_bounds") == 0) {
+    bounded_kernel<<<1, 128>>>(ints);
   } else if (std::strcmp(name, "block_too_large") == 0) {
     race_kernel<<<1, 2048>>>(ints);
   } else {
