@@ -17,6 +17,7 @@ device's multiprocessor count (default 132).
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import sys
@@ -162,29 +163,15 @@ def load(verbose: bool = False):
             extra_cflags=[
                 "-O2",
                 "-g0",
-                "-mpopcnt",
                 "-Wno-unknown-pragmas",
-                "-DMTP_EXT_CUDA_EMULATED",
+                # __popc as one instruction (x86-64 only; elsewhere the builtin's default)
+                *(["-mpopcnt"] if platform.machine() in ("x86_64", "AMD64") else []),
             ],
             build_directory=str(BUILD),
             is_python_module=False,
             verbose=verbose,
         )
     return torch.ops.mtp_ext_emu
-
-
-# The ops with a CUDA launcher (csrc/cuda/*.cpp): every op of csrc/ops.cpp.
-OPS = (
-    "softmax_topk",
-    "marginalize",
-    "topk_marginalize",
-    "fused_mtp_heads",
-    "small_batch_linear",
-    "verify_tree",
-    "verify_tree_from_hidden",
-    "tree_attention_mask",
-    "compact_kv",
-)
 
 
 def route_cpu_ops_to_emulator():
@@ -196,9 +183,11 @@ def route_cpu_ops_to_emulator():
     """
     import torch
 
+    from mtp_ext import ops  # every op has a CUDA launcher (csrc/cuda)
+
     emu = load()
     lib = torch.library.Library("mtp_ext", "IMPL")
-    for name in OPS:
+    for name in ops.__all__:
         op = getattr(emu, name)
 
         def run(*args, _op=op, **kwargs):

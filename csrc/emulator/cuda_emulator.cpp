@@ -2,8 +2,6 @@
 // collectives, launch checks and the runtime API's state. See cuda_emulator.h.
 #include "cuda_emulator.h"
 
-#include "common.h"  // csrc/kernels: the float16 conversion of the CPU kernels
-
 #include <sys/mman.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -17,9 +15,6 @@
 #include <string>
 #include <unordered_map>
 #include <vector>
-
-// float16 -> float32 exactly, as the CPU kernels convert.
-float __half2float(__half h) { return mtp_ext::kernels::to_float(mtp_ext::kernels::f16{h.bits}); }
 
 #if defined(__x86_64__)
 // Saves the callee-saved registers and the stack pointer into *from, resumes the fiber whose stack
@@ -175,12 +170,13 @@ void fiber_main() {
   // A lane of this warp waiting on this one in a collective would wait forever.
   const int self = b.current, base = self - self % 32;
   b.warp_exited[self / 32] |= 1u << (self - base);
-  if (b.warp_waiting[self / 32] > 0)
+  if (b.warp_waiting[self / 32] > 0) {
     for (int l = base; l < base + 32 && l < static_cast<int>(b.lanes.size()); ++l) {
-    const Lane& other = b.lanes[l];
-    if (other.state == State::AtWarp && (other.mask >> (self - base) & 1u) && b.fault.empty())
-      b.fault = describe(other) + ": a warp collective waiting on lane " +
-                std::to_string(self - base) + ", which has exited";
+      const Lane& other = b.lanes[l];
+      if (other.state == State::AtWarp && (other.mask >> (self - base) & 1u) && b.fault.empty())
+        b.fault = describe(other) + ": a warp collective waiting on lane " +
+                  std::to_string(self - base) + ", which has exited";
+    }
   }
   release_barrier_if_complete(b);
   // Back to the scheduler for good: a finished fiber is never resumed.
@@ -208,7 +204,11 @@ void start_context(Context& c, char* base, Context& scheduler) {
 #endif
 }
 
-void schedule_order(std::vector<int>& order, const std::string& setting, std::mt19937& rng) {
+// 0 .. n-1 in the order CUDA_EMU_SCHEDULE sets (for the threads of a block and for the blocks).
+template <typename I>
+void schedule_order(std::vector<I>& order, I n, const std::string& setting, std::mt19937& rng) {
+  order.resize(n);
+  for (I i = 0; i < n; ++i) order[i] = i;
   if (setting == "reverse") {
     std::reverse(order.begin(), order.end());
   } else if (setting.rfind("random", 0) == 0) {
@@ -256,12 +256,9 @@ void run_block(Block& b, const dim3& grid, const dim3& block, const uint3& block
     start_context(l.context, stack(i) + kGuardBytes, b.scheduler);
   }
   const bool in_order = setting == "forward";
-  std::vector<int> order(in_order ? 0 : n);
+  std::vector<int> order;
   for (;;) {
-    if (!in_order) {
-      for (int i = 0; i < n; ++i) order[i] = i;
-      schedule_order(order, setting, rng);
-    }
+    if (!in_order) schedule_order(order, n, setting, rng);
     bool ran = false;
     for (int j = 0; j < n; ++j) {
       const int i = in_order ? j : order[j];
@@ -517,15 +514,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   // The order of the blocks follows the schedule setting too (races between blocks).
   const uint64_t blocks = uint64_t(g.x) * g.y * g.z;
   std::vector<uint64_t> order;
-  if (setting != "forward") {
-    order.resize(blocks);
-    for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
-    if (setting == "reverse") {
-      std::reverse(order.begin(), order.end());
-    } else {
-      std::shuffle(order.begin(), order.end(), rng);
-    }
-  }
+  if (setting != "forward") schedule_order(order, blocks, setting, rng);
   g_block = &b;
   try {
     for (uint64_t i = 0; i < blocks; ++i) {

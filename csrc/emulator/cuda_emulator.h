@@ -42,6 +42,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common.h"  // csrc/kernels: the bit casts and half conversions of the CPU kernels
+
 // ---- Qualifiers ---------------------------------------------------------------------------------
 #define __global__
 #define __device__
@@ -90,35 +92,18 @@ struct __nv_bfloat16 {
 };
 inline __half __ushort_as_half(unsigned short v) { return __half{v}; }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
-float __half2float(__half h);
+inline float __half2float(__half h) {
+  return mtp_ext::kernels::to_float(mtp_ext::kernels::f16{h.bits});
+}
 inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t u = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return mtp_ext::kernels::to_float(mtp_ext::kernels::bf16{h.bits});
 }
 
 // ---- Bit casts and integer intrinsics -----------------------------------------------------------
-inline float __int_as_float(int v) {
-  float f;
-  std::memcpy(&f, &v, sizeof(f));
-  return f;
-}
-inline float __uint_as_float(unsigned v) {
-  float f;
-  std::memcpy(&f, &v, sizeof(f));
-  return f;
-}
-inline int __float_as_int(float f) {
-  int v;
-  std::memcpy(&v, &f, sizeof(v));
-  return v;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned v;
-  std::memcpy(&v, &f, sizeof(v));
-  return v;
-}
+inline float __int_as_float(int v) { return mtp_ext::kernels::bits_to_float(uint32_t(v)); }
+inline float __uint_as_float(unsigned v) { return mtp_ext::kernels::bits_to_float(v); }
+inline int __float_as_int(float f) { return int(mtp_ext::kernels::float_to_bits(f)); }
+inline unsigned __float_as_uint(float f) { return mtp_ext::kernels::float_to_bits(f); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
