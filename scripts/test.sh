@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up .venv (scripts/setup.sh), builds and runs the torch-free kernel unit tests with CMake
-# (compiling the CUDA kernels too when nvcc is present), runs the test suite, the op tests again on
-# the CUDA kernels under the CPU emulator (pytest --cuda-emulator), the decoding tests on
-# the oldest supported transformers (scripts/test_transformers_oldest.sh), then the benchmark
+# (compiling the CUDA kernels too when nvcc is present), runs the test suite, the op and decoding
+# tests again on the CUDA kernels under the CPU emulator (pytest --cuda-emulator), the decoding
+# tests on the oldest supported transformers (scripts/test_transformers_oldest.sh), the benchmark
 # suite's correctness checks on small shapes, then, when nvcc is present, the CUDA build step
 # (scripts/build_cuda.sh: the full extension against a CUDA build of torch, import, no-GPU tests).
 # Extra arguments go to the test-suite pytest, e.g. `-m slow` or `-k verify`.
@@ -18,8 +18,9 @@ cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 .venv/bin/python -m pytest tests "$@"
-# The CUDA kernels on the CPU: the op test files again, every op on CPU tensors running its CUDA
-# launcher and kernels under the emulator of csrc/emulator (tests/cuda_emulator.py).
+# The CUDA kernels on the CPU: the op and decoding test files again, every op on CPU tensors
+# running its CUDA launcher and kernels under the emulator of csrc/emulator
+# (tests/cuda_emulator.py).
 .venv/bin/python -m pytest --cuda-emulator -q -p no:warnings "${EMULATED_TESTS[@]}"
 # The decoding tests on the oldest supported transformers release as well.
 bash scripts/test_transformers_oldest.sh

@@ -108,6 +108,24 @@ def assert_close(actual, expected, tol: tuple[float, float], msg: str = "", equa
     )
 
 
+def assert_same_outputs(
+    actual, expected, what: str = "", tol: tuple[float, float] = (1e-5, 1e-5)
+):
+    """Two runs of one op (a tensor or a tuple of them, on any devices): same shapes and dtypes,
+    integers exactly, floats within ``tol`` (NaN equal)."""
+    if isinstance(expected, torch.Tensor):
+        actual, expected = [actual], [expected]
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a, e = a.cpu(), e.cpu()
+        assert a.shape == e.shape and a.dtype == e.dtype, (
+            f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+        )
+        if a.is_floating_point():
+            assert_close(a, e, tol, f"{what}[{i}] differs", equal_nan=True)
+        else:
+            assert torch.equal(a, e), f"{what}[{i}] differs"
+
+
 def assert_ids_valid(ids: torch.Tensor, vocab: int):
     """Ids are int64, in ``[0, vocab)`` and distinct along the last dim."""
     assert ids.dtype == torch.int64
@@ -171,6 +189,25 @@ TREES = {
     # one head-3 candidate under the first two of those.
     "medusa": [-1, 0, 0, 1, 1, 1, 2, 2, 3, 4],
 }
+
+
+def medusa_tree() -> torch.Tensor:
+    """parents [10] of a Medusa-style tree: 2 children of the root, 3 + 2 + 1 + 1 below them."""
+    return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])
+
+
+def verify_inputs(seed: int, b: int = 3, v: int = 3001, dtype=torch.bfloat16):
+    """verify_tree inputs on medusa_tree(): (draft [b, 10] int64, parents [10], logits [b, 10, v]
+    of ``dtype``, uniforms [b, 10] float32); about 70 % of the drafts are the target of their
+    parent, so paths of several lengths are accepted."""
+    par = medusa_tree()
+    t = par.numel()
+    logits = randn(b, t, v, dtype=dtype, seed=seed, scale=3.0)
+    targets = reference.target_tokens(logits)
+    draft = torch.randint(0, v, (b, t), generator=gen(seed))
+    hit = torch.rand(b, t, generator=gen(seed + 1)) < 0.7
+    draft = torch.where(hit, targets.gather(1, par.clamp(min=0).expand(b, t)), draft)
+    return draft, par, logits, rand(b, t, seed=seed + 2)
 
 
 def random_parents(t: int, seed: int = 0) -> torch.Tensor:

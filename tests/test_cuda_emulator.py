@@ -22,7 +22,7 @@ import ctypes
 import pytest
 import torch
 from cuda_emulator import BUILD, NAME, load
-from helpers import assert_close, rand, randn
+from helpers import TOL, assert_same_outputs, medusa_tree, rand, randn, verify_inputs
 
 from mtp_ext import ops
 
@@ -190,17 +190,8 @@ def test_routing_runs_the_cuda_path_until_destroyed(emu, launches):
 # ------------------------------------------------------------------------------------------------
 
 
-def compare(actual, expected, what, tol=(1e-5, 1e-6)):
-    if isinstance(expected, torch.Tensor):
-        actual, expected = [actual], [expected]
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.shape == e.shape and a.dtype == e.dtype, (
-            f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
-        )
-        if a.is_floating_point():
-            assert_close(a, e, tol, f"{what}[{i}] differs", equal_nan=True)
-        else:
-            assert torch.equal(a, e), f"{what}[{i}] differs"
+def compare(actual, expected, what, tol=TOL[F32].prob):
+    assert_same_outputs(actual, expected, what, tol)
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
@@ -254,7 +245,7 @@ def test_fused_mtp_heads(emu, schedule, dtype, n, h, d, v, k):
         emu.fused_mtp_heads(*args),
         torch.ops.mtp_ext.fused_mtp_heads(*args),
         "fused_mtp_heads",
-        (1e-4, 1e-4),
+        TOL[dtype].logprob,
     )
 
 
@@ -264,28 +255,12 @@ def test_small_batch_linear(emu, dtype, rows):
     x = randn(rows, 72, dtype=dtype, seed=rows)
     w = randn(300, 72, dtype=dtype, seed=2, scale=0.1)
     b = randn(300, dtype=dtype, seed=3)
-    tol = {F32: (1e-5, 1e-5), BF16: (2.0**-7, 1e-5)}[dtype]
     compare(
         emu.small_batch_linear(x, w, b),
         torch.ops.mtp_ext.small_batch_linear(x, w, b),
         "small_batch_linear",
-        tol,
+        TOL[dtype].linear,
     )
-
-
-def medusa_tree():
-    return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])
-
-
-def verify_inputs(seed, b=3, v=3001, dtype=BF16):
-    par = medusa_tree()
-    t = par.numel()
-    logits = randn(b, t, v, dtype=dtype, seed=seed, scale=3.0)
-    targets = logits.float().argmax(-1)
-    draft = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(seed))
-    hit = torch.rand(b, t, generator=torch.Generator().manual_seed(seed + 1)) < 0.7
-    draft = torch.where(hit, targets.gather(1, par.clamp(min=0).expand(b, t)), draft)
-    return draft, par, logits, rand(b, t, seed=seed + 2)
 
 
 @pytest.mark.parametrize(

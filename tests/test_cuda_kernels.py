@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CUDA_AVAILABLE, TOL, assert_close, assert_topk_equivalent, rand, randn, ref64
+from helpers import (
+    CUDA_AVAILABLE,
+    TOL,
+    assert_close,
+    assert_topk_equivalent,
+    medusa_tree,
+    rand,
+    randn,
+    ref64,
+    verify_inputs,
+)
+from helpers import assert_same_outputs as compare
 
 from mtp_ext import ops
 from mtp_ext import reference as ref
@@ -29,19 +40,6 @@ def to_cuda(args):
     return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def compare(actual, expected, what=""):
-    """Integers exactly, floats within the float32 probability tolerance (NaN equal)."""
-    if isinstance(expected, torch.Tensor):
-        actual, expected = [actual], [expected]
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        a, e = a.cpu(), e.cpu()
-        assert a.shape == e.shape and a.dtype == e.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
-        if a.is_floating_point():
-            assert_close(a, e, (1e-5, 1e-5), f"{what}[{i}] differs", equal_nan=True)
-        else:
-            assert torch.equal(a, e), f"{what}[{i}] differs"
-
-
 # ------------------------------------------------------------------------------------------------
 # Inputs of every op (CPU tensors; seed changes the values, not the shapes)
 # ------------------------------------------------------------------------------------------------
@@ -49,22 +47,6 @@ def compare(actual, expected, what=""):
 
 def chain_tree(t):
     return torch.tensor([-1] + list(range(t - 1)))
-
-
-def medusa_tree():
-    return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])
-
-
-def verify_inputs(seed, b=3, v=3001, dtype=BF16, sampled=False):
-    par = medusa_tree()
-    t = par.numel()
-    logits = randn(b, t, v, dtype=dtype, seed=seed, scale=3.0)
-    targets = ref.target_tokens(logits)
-    draft = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(seed))
-    hit = torch.rand(b, t, generator=torch.Generator().manual_seed(seed + 1)) < 0.7
-    draft = torch.where(hit, targets.gather(1, par.clamp(min=0).expand(b, t)), draft)
-    u = rand(b, t, seed=seed + 2)
-    return draft, par, logits, u
 
 
 CASES = {
