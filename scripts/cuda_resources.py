@@ -121,7 +121,7 @@ SM_LIMITS = {
     "sm_80": {"regs": 65536, "smem": 167936, "threads": 2048, "blocks": 32},
     "sm_90": {"regs": 65536, "smem": 233472, "threads": 2048, "blocks": 32},
 }
-_BOUNDS = re.compile(r"__launch_bounds__\((\w+)\)\s+(\w+)\s*\(")
+_BOUNDS = re.compile(r"__launch_bounds__\((\w+)(?:,[^)]*)?\)\s+(\w+)\s*\(")
 _LAUNCH_SITE = re.compile(r"(\w+)(?:<[^<>;()]*>)?\s*<<<(.*?)>>>", re.DOTALL)
 _CONSTANT = re.compile(r"constexpr int (\w+) = (\d+);")
 
@@ -147,9 +147,15 @@ def block_sizes() -> dict[str, int]:
     """Threads per block of each kernel: its __launch_bounds__, else the block size of its launch
     sites (when a literal or a named constant), by kernel name without template arguments."""
     sizes: dict[str, int] = {}
+    # Named constants of the kernels' sources and headers (a header's constant may size a block).
+    constants = {
+        k: int(v)
+        for path in sorted(KERNELS.iterdir())
+        if path.suffix in (".cu", ".cuh", ".h")
+        for k, v in _CONSTANT.findall(path.read_text())
+    }
     for source in KERNELS.glob("*.cu"):
         text = source.read_text()
-        constants = {k: int(v) for k, v in _CONSTANT.findall(text)}
         for bound, name in _BOUNDS.findall(text):
             if (n := _value(bound, constants)) is not None:
                 sizes[name] = n
@@ -204,7 +210,9 @@ def markdown(rows: list[dict], command: str) -> str:
         "a per-thread array indexed at run time (the sampling kernels' kept candidates).",
         "Threads per block come from each kernel's `__launch_bounds__` or its launch sites; resident",
         "blocks (and warps) per SM are what registers, static shared memory and the SM's thread and",
-        "block limits allow, out of 64 warps (dynamic shared memory not counted).",
+        "block limits allow, out of 64 warps (dynamic shared memory not counted: the tensor-core",
+        "unembedding, `unembed_topk_partial_mma_kernel<T, R>`, takes 85760, 110080 or 158720 B of it",
+        "for R = 16, 32 or 64 rows, so 2, 2 and 1 blocks per SM on sm_90, 1, 1 and 1 on sm_80).",
         "",
         (
             "| kernel | file | arch | threads / block | registers | static smem (B) "

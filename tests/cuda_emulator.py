@@ -55,7 +55,8 @@ def _note_static_shared(source: str) -> str:
     )
 
 
-_BOUNDED_KERNEL = re.compile(r"__launch_bounds__\((\w+)\)\s+\w+\s*\(")
+# `__launch_bounds__(max_threads[, min_blocks]) name(`
+_BOUNDED_KERNEL = re.compile(r"__launch_bounds__\((\w+)(?:,[^)]*)?\)\s+\w+\s*\(")
 
 
 def _check_launch_bounds(source: str) -> str:

@@ -98,6 +98,9 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("static_plus_dynamic_over_48k", "the launch fails on a GPU"),
         ("over_launch_bounds", "__launch_bounds__(64)"),
         ("block_too_large", "launch: invalid configuration"),
+        ("wmma_half_warp", "has exited"),
+        ("wmma_misaligned", "not 32-byte aligned"),
+        ("async_copy_misaligned", "not aligned to its size"),
     ],
 )
 def test_faults_are_reported(selftest, case, expected):
@@ -145,6 +148,55 @@ def test_dynamic_shared_memory_starts_poisoned(selftest):
     out, message = selftest("dynamic")
     assert message == ""
     assert torch.all(out[:32] == -1)
+
+
+def test_wmma_product_matches_a_float32_matmul(selftest, schedule):
+    a = randn(16, 16, dtype=BF16, seed=21)
+    b = randn(16, 16, dtype=BF16, seed=22)
+    ints = torch.zeros(512, dtype=torch.int32)
+    ab = ints.view(torch.bfloat16)
+    ab[:256] = a.flatten()
+    ab[256:512] = b.t().flatten()  # column-major b
+    out, message = selftest("wmma", ints)
+    assert message == ""
+    expected = a.float() @ b.float() + 1
+    torch.testing.assert_close(out[256:].view(torch.float32).view(16, 16), expected)
+
+
+def test_async_copies_land_at_the_wait(selftest, schedule):
+    values = torch.arange(1, 129, dtype=torch.int32)
+    ints = torch.zeros(512, dtype=torch.int32)
+    ints[:128] = values
+    out, message = selftest("async_copy", ints)
+    assert message == ""
+    expected = values.view(32, 4).clone()
+    expected[1::2, 2:] = 0  # odd threads zero-fill their last 8 bytes
+    assert torch.equal(out[128:256].view(32, 4), expected.flip(0))
+    # Without the wait, shared memory still holds its poison when it is read (every thread reads
+    # another thread's slice, and its own copies have not landed either).
+    ints[128:] = 0
+    out, message = selftest("async_copy_without_wait", ints)
+    assert message == ""
+    assert torch.all(out[128:256] == -1)
+
+
+def test_to_f16_rounds_as_torch_does(selftest):
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat(
+        [
+            torch.randn(200, generator=gen) * torch.logspace(-9, 5, 200),
+            torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, -7e4, 6e-8, 2.98e-8, 2.99e-8]),
+            torch.tensor([float("inf"), float("-inf"), 2.0**-24, 2.0**-25, 3 * 2.0**-26]),
+            (torch.rand(298, generator=gen) - 0.5) * 2.0**-12,
+        ]
+    )
+    ints = values.view(torch.int32).clone()
+    out, message = selftest("to_f16", ints)
+    assert message == ""
+    expected = values.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(out, expected)
+    nan, _ = selftest("to_f16", torch.full((512,), 0x7FC00001, dtype=torch.int32))
+    assert torch.all((nan & 0x7C00) == 0x7C00) and torch.all((nan & 0x3FF) != 0)
 
 
 def test_schedule_order_exposes_a_missing_barrier(selftest, monkeypatch):
@@ -229,24 +281,78 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
         )
 
 
+def heads_args(dtype, n, h, d, v, k, hidden_scale=1.0, lm_scale=0.4, norm=True):
+    hidden = randn(n, d, dtype=dtype, seed=1, scale=hidden_scale)
+    weight = randn(h, d, d, dtype=dtype, seed=2, scale=d**-0.5)
+    bias = randn(h, d, dtype=dtype, seed=3, scale=0.1 * hidden_scale)
+    lm_head = randn(v, d, dtype=dtype, seed=4, scale=lm_scale)
+    nw = (1 + randn(d, seed=5, scale=0.1)).to(dtype) if norm else None
+    return (hidden, weight, bias, lm_head, k, nw, 1e-6, None)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize(
     "n, h, d, v, k",
-    [(1, 1, 8, 50, 1), (3, 4, 64, 3000, 5), (17, 4, 40, 1000, 64), (5, 3, 36, 700, 9)],
+    [
+        (1, 1, 8, 50, 1),
+        (3, 4, 64, 3000, 5),
+        (17, 4, 40, 1000, 64),  # 68 rows: the logits are computed, then ranked
+        (5, 3, 36, 700, 9),  # depth 36: likewise
+        (7, 4, 40, 1300, 17),  # 28 rows: 32-row tiles on tensor cores
+        (16, 4, 72, 999, 64),  # 64 rows
+    ],
 )
-def test_fused_mtp_heads(emu, schedule, dtype, n, h, d, v, k):
-    hidden = randn(n, d, dtype=dtype, seed=1)
-    weight = randn(h, d, d, dtype=dtype, seed=2, scale=d**-0.5)
-    bias = randn(h, d, dtype=dtype, seed=3, scale=0.1)
-    lm_head = randn(v, d, dtype=dtype, seed=4, scale=0.4)
-    nw = (1 + randn(d, seed=5, scale=0.1)).to(dtype)
-    args = (hidden, weight, bias, lm_head, k, nw, 1e-6, None)
-    compare(
-        emu.fused_mtp_heads(*args),
-        torch.ops.mtp_ext.fused_mtp_heads(*args),
-        "fused_mtp_heads",
-        TOL[dtype].logprob,
-    )
+def test_fused_mtp_heads(emu, schedule, monkeypatch, launches, dtype, n, h, d, v, k):
+    args = heads_args(dtype, n, h, d, v, k)
+    expected = torch.ops.mtp_ext.fused_mtp_heads(*args)
+    count = {}
+    # Compute capability 9.0 and 7.5: 16-bit tables take the tensor-core unembedding from 8.0 on
+    # (one launch more: the split of z), the CUDA-core kernel before.
+    for cc in ["9.0", "7.5"]:
+        monkeypatch.setenv("CUDA_EMU_CC", cc)
+        before = launches()
+        out = emu.fused_mtp_heads(*args)
+        count[cc] = launches() - before
+        compare(out, expected, f"fused_mtp_heads on {cc}", TOL[dtype].logprob)
+    streamed = n * h <= 64 and d % 8 == 0
+    assert count["9.0"] - count["7.5"] == (1 if streamed and dtype != F32 else 0)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize(
+    "hidden_scale, lm_scale, norm",
+    [(1.0, 0.4, True), (1e-4, 1e3, False), (1.5e4, 5e-5, False)],
+    ids=["unit", "tiny-z", "huge-z"],
+)
+def test_fused_mtp_heads_blocks_of_several_tiles_and_extreme_scales(
+    emu, monkeypatch, dtype, hidden_scale, lm_scale, norm
+):
+    # Two SMs: each block streams several tiles (and its last one partly). z of about 1e-4 sits in
+    # float16's subnormal range and 1.5e4 + SiLU(...) near its largest value: without the per-row
+    # power-of-two scale the split of z into two float16 parts would lose or overflow them.
+    monkeypatch.setenv("CUDA_EMU_SMS", "2")
+    args = heads_args(dtype, 6, 5, 48, 2900, 8, hidden_scale, lm_scale, norm)
+    ref = torch.ops.mtp_ext.fused_mtp_heads(*args)
+    assert ref[0].isfinite().all() and ref[0][..., 0].max() > -7  # logits of order 1, not ties
+    compare(emu.fused_mtp_heads(*args), ref, "fused_mtp_heads", TOL[dtype].logprob)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fused_mtp_heads_nan_and_ties(emu, schedule, dtype):
+    # NaN rows of lm_head rank first (the lower id first) and make the log-normalizer NaN; equal
+    # rows give equal logits on tensor cores too, ranked by id.
+    args = list(heads_args(dtype, 2, 3, 64, 700, 6))
+    lm_head = args[3]
+    lm_head[[300, 12]] = float("nan")
+    lm_head[[500, 650]] = lm_head[40].clone()
+    lp, ids = emu.fused_mtp_heads(*args)
+    cpu_lp, cpu_ids = torch.ops.mtp_ext.fused_mtp_heads(*args)
+    assert torch.equal(ids, cpu_ids) and (ids[..., :2] == torch.tensor([12, 300])).all()
+    assert lp.isnan().all() and cpu_lp.isnan().all()
+    tied = torch.zeros(700, 64, dtype=dtype)
+    tied[[5, 200, 699]] = 1.0
+    args[3] = tied
+    compare(emu.fused_mtp_heads(*args), torch.ops.mtp_ext.fused_mtp_heads(*args), "ties")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
@@ -273,7 +379,7 @@ def test_verify_tree(emu, schedule, temperature, top_k, top_p):
     compare(emu.verify_tree(*args), torch.ops.mtp_ext.verify_tree(*args), "verify_tree")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
 def test_verify_tree_from_hidden(emu, schedule, dtype):
     b, t, d, v = 2, 10, 48, 700
     draft, par, _, _ = verify_inputs(5, b=b, v=v)
@@ -338,3 +444,7 @@ def test_translate_rewrites_launches_and_dynamic_shared_memory():
     assert out.count("\n") == src.count("\n") + 2
     with pytest.raises(ValueError, match="cannot translate"):
         translate("void f() { (k)<<<1, 1>>>(); }")
+    # __launch_bounds__ with and without a minimum of blocks per SM gets the run-time check.
+    for bounds in ["kThreads", "kThreads, Shape<RB>::kMinBlocks"]:
+        out = translate(f"__global__ void __launch_bounds__({bounds})\n    k2(int* p) {{ }}\n")
+        assert "{ ::cuda_emu::check_launch_bounds(kThreads);" in out

@@ -116,7 +116,12 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
   if (reinterpret_cast<uintptr_t>(z.const_data_ptr()) % 16 != 0) z = z.clone();  // a view
   const cudaStream_t s = stream();
   const int kk = static_cast<int>(k);
-  const int64_t chunks = kc::unembed_topk_chunks(rows, vocab, kk);
+  const kc::DType dtype = storage_type(table);
+  const int64_t chunks = kc::unembed_topk_chunks(rows, vocab, kk, dtype);
+  const size_t workspace_bytes = kc::unembed_topk_workspace(rows, depth, dtype);
+  at::Tensor workspace;
+  if (workspace_bytes > 0)
+    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
   const bool stats = mode == kc::TopkOut::LogProb || mode == kc::TopkOut::Prob;
   const auto f32 = z.options().dtype(at::kFloat);
   at::Tensor part_max, part_sum;
@@ -127,10 +132,11 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
   at::Tensor cand_key = at::empty({rows, chunks, k}, z.options().dtype(at::kInt));
   at::Tensor cand_id = at::empty({rows, chunks, k}, z.options().dtype(at::kInt));
   kc::launch_unembed_topk_partial(
-      z.const_data_ptr<float>(), rows, depth, table.const_data_ptr(), storage_type(table),
-      table.stride(0), vocab, kk, chunks, stats ? part_max.data_ptr<float>() : nullptr,
+      z.const_data_ptr<float>(), rows, depth, table.const_data_ptr(), dtype, table.stride(0), vocab,
+      kk, chunks, stats ? part_max.data_ptr<float>() : nullptr,
       stats ? part_sum.data_ptr<float>() : nullptr,
-      reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(), s);
+      reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(),
+      workspace_bytes > 0 ? workspace.data_ptr() : nullptr, s);
   MTP_EXT_CHECK_LAUNCH();
   kc::launch_topk_merge(rows, chunks, kk, stats ? part_max.const_data_ptr<float>() : nullptr,
                         stats ? part_sum.const_data_ptr<float>() : nullptr,

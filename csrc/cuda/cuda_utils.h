@@ -43,9 +43,9 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
 std::tuple<at::Tensor, at::Tensor> sorted_ranking(const at::Tensor& x, int64_t rows, int64_t vocab,
                                                   kc::RowLayout layout);
 
-// The top-k of the rows of logits = z[rows, D] . table[V, D]^T (float32 products) by the streaming
-// kernel (unembed_kernels.cu), which reads the table once for all rows and never writes the
-// logits: out_val[rows, k] as `mode` says (LogProb or None; out_val may be undefined for None) and
+// The top-k of the rows of logits = z[rows, D] . table[V, D]^T by the streaming kernels
+// (unembed_kernels.cu: float32 products, or tensor cores for 16-bit tables where the device has
+// them), which read the table once for all rows and never write the logits: out_val[rows, k] as `mode` says (LogProb or None; out_val may be undefined for None) and
 // out_id[rows, k] (int64), best first, ties toward the lower row of the table. Returns false, doing
 // nothing, where that kernel does not serve the sizes (more than kUnembedMaxRows rows, k > 64, a
 // depth not a multiple of 8, unaligned or non-contiguous table rows); the caller then computes the

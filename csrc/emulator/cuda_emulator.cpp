@@ -8,7 +8,10 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -66,6 +69,14 @@ struct Context {
 #endif
 };
 
+// An asynchronous copy waiting for its batch to be waited on: the source's bytes as read at the
+// copy, and where they go.
+struct PendingCopy {
+  void* dst;
+  size_t size;
+  std::array<unsigned char, 16> bytes;
+};
+
 struct Lane {
   Context context;
   Position position;
@@ -74,6 +85,9 @@ struct Lane {
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int param = 0, width = 32;
+  // Asynchronous copies: the open batch, and the committed ones not yet waited on (oldest first).
+  std::vector<PendingCopy> open_copies;
+  std::deque<std::vector<PendingCopy>> committed_copies;
 };
 
 struct Block {
@@ -90,6 +104,8 @@ struct Block {
   const void* kernel = nullptr;
   size_t dynamic_bytes = 0, static_bytes = 0;
   std::vector<const void*> statics;
+  // Per warp: the scratch buffer of the matrix operations.
+  std::vector<std::vector<unsigned char>> warp_scratch;
 };
 
 Block* g_block = nullptr;
@@ -242,6 +258,7 @@ void run_block(Block& b, const dim3& grid, const dim3& block, const uint3& block
   b.lanes.assign(n, Lane{});
   b.warp_waiting.assign((n + 31) / 32, 0);
   b.warp_exited.assign((n + 31) / 32, 0u);
+  b.warp_scratch.assign((n + 31) / 32, {});
   b.live = n;
   b.at_barrier = 0;
   for (int i = 0; i < n; ++i) {
@@ -323,6 +340,14 @@ int device_attribute(cudaDeviceAttr attr) {
       const int sms = s == nullptr ? 132 : std::atoi(s);
       return sms > 0 ? sms : 132;
     }
+    case cudaDevAttrComputeCapabilityMajor:
+    case cudaDevAttrComputeCapabilityMinor: {
+      // CUDA_EMU_CC: "major.minor" (default 9.0, an H100 / H200).
+      const char* s = std::getenv("CUDA_EMU_CC");
+      int major = 9, minor = 0;
+      if (s != nullptr && std::sscanf(s, "%d.%d", &major, &minor) < 1) major = 9, minor = 0;
+      return attr == cudaDevAttrComputeCapabilityMajor ? major : minor;
+    }
     case cudaDevAttrMaxSharedMemoryPerBlock:
       return static_cast<int>(kDefaultSmem);
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
@@ -377,6 +402,52 @@ void misaligned_load(const void* p, size_t alignment) {
   std::ostringstream s;
   s << "misaligned load of " << alignment << " bytes at " << p;
   fault_here(s.str());
+}
+
+void fault(const std::string& what) {
+  current_lane();
+  fault_here(what);
+}
+
+void warp_uniform(uint64_t value, const char* what) {
+  const uint64_t same = warp_collective(Collective::MatchAny, 0xffffffffu, value, 0, 32);
+  if (same != 0xffffffffu)
+    fault_here(std::string(what) + " differs between the lanes of the warp (it must be the same)");
+}
+
+void* warp_scratch(size_t bytes) {
+  Block& b = *g_block;
+  std::vector<unsigned char>& buffer = b.warp_scratch[b.current / 32];
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  return buffer.data();
+}
+
+void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
+  Lane& l = current_lane();
+  if (size != 4 && size != 8 && size != 16)
+    fault_here("an asynchronous copy of " + std::to_string(size) + " bytes (4, 8 or 16)");
+  if (zfill > size) fault_here("an asynchronous copy whose zero fill exceeds its size");
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0)
+    fault_here("an asynchronous copy of " + std::to_string(size) +
+               " bytes between addresses not aligned to its size");
+  PendingCopy c{dst, size, {}};
+  std::memcpy(c.bytes.data(), src, size - zfill);  // the zero-filled tail is not read
+  std::memset(c.bytes.data() + (size - zfill), 0, zfill);
+  l.open_copies.push_back(c);
+}
+
+void async_commit() {
+  Lane& l = current_lane();
+  l.committed_copies.push_back(std::move(l.open_copies));
+  l.open_copies.clear();
+}
+
+void async_wait_prior(size_t prior) {
+  Lane& l = current_lane();
+  while (l.committed_copies.size() > prior) {
+    for (const PendingCopy& c : l.committed_copies.front()) std::memcpy(c.dst, c.bytes.data(), c.size);
+    l.committed_copies.pop_front();
+  }
 }
 
 void sync_threads() {
@@ -504,8 +575,9 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   ++g_launches;
   const std::string setting = schedule_setting();
   std::mt19937 rng(setting.rfind("random:", 0) == 0 ? std::stoul(setting.substr(7)) : 0u);
-  std::vector<unsigned char> dynamic(c.smem + 16);
-  void* aligned = dynamic.data() + (16 - reinterpret_cast<uintptr_t>(dynamic.data()) % 16) % 16;
+  // Dynamic shared memory starts 128-byte aligned (a GPU aligns it at least that much).
+  std::vector<unsigned char> dynamic(c.smem + 128);
+  void* aligned = dynamic.data() + (128 - reinterpret_cast<uintptr_t>(dynamic.data()) % 128) % 128;
   Block b;
   b.body = &body;
   b.dynamic = c.smem > 0 ? aligned : nullptr;

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -155,6 +156,8 @@ enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 }
 enum cudaDeviceAttr : int {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
@@ -236,6 +239,21 @@ enum class Collective : int {
 };
 // Enters a warp collective with this lane's 64-bit payload; returns this lane's 64-bit result.
 uint64_t warp_collective(Collective op, unsigned mask, uint64_t value, int param, int width);
+
+// For the warp-wide matrix operations (mma.h): a collective of the whole warp that faults unless
+// every lane passes the same value (`what` names the operation and the argument in the report),
+// and a scratch buffer of the calling thread's warp (valid until the block ends).
+void warp_uniform(uint64_t value, const char* what);
+void* warp_scratch(size_t bytes);
+[[noreturn]] void fault(const std::string& what);
+
+// Asynchronous copies to shared memory (cuda_pipeline.h). A copy is queued in the calling thread's
+// open batch, reading its source at once; a commit closes the batch; wait_prior(n) writes the
+// destinations of all committed batches but the n most recent. So shared memory read before the
+// wait that covers it shows the old (poisoned) bytes, as it may on a GPU.
+void async_copy(void* dst, const void* src, size_t size, size_t zfill);
+void async_commit();
+void async_wait_prior(size_t prior);
 
 struct LaunchConfig {
   dim3 grid;

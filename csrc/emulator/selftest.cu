@@ -1,7 +1,10 @@
 // Kernels that check the CPU emulator itself: what it must compute, and the faults it must report.
 // Built only into the emulated library (tests/cuda_emulator.py); tests/test_cuda_emulator.py calls
 // cuda_emu_selftest through ctypes.
+#include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdio>
 #include <cstring>
@@ -104,6 +107,44 @@ __global__ void block_order_kernel(int* out) {
   if (threadIdx.x == 0) out[1 + blockIdx.x] = atomicAdd(&out[0], 1);
 }
 
+// One warp: out[16, 16] (float, row-major) = a[16, 16] . b[16, 16] + 1 with a row-major and b
+// column-major (bfloat16 bits in `ab`: a's 256, then b's); `lanes` of the warp take part.
+__global__ void wmma_kernel(const unsigned short* ab, float* out, int lanes, int offset) {
+  using namespace nvcuda;
+  if (static_cast<int>(threadIdx.x) >= lanes) return;
+  const auto* a = reinterpret_cast<const __nv_bfloat16*>(ab);
+  const auto* b = reinterpret_cast<const __nv_bfloat16*>(ab + 256);
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 1.0f);
+  wmma::load_matrix_sync(fa, a + offset, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
+// Each of 32 threads copies 16 bytes (4 ints) of `in` to shared memory asynchronously, the last
+// 8 bytes zero-filled for odd threads, then reads back the 4 ints of thread 31 - t into out:
+// after waiting and a barrier when `wait`, else right away.
+__global__ void async_copy_kernel(const int* in, int* out, int wait) {
+  __shared__ __align__(16) int staged[128];
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(staged + 4 * t, in + 4 * t, 16, t % 2 == 1 ? 8 : 0);
+  __pipeline_commit();
+  if (wait) {
+    __pipeline_wait_prior(0);
+    __syncthreads();
+  }
+  for (int i = 0; i < 4; ++i) out[4 * t + i] = staged[4 * (31 - t) + i];
+}
+
+// ints[i] (float32 bits) -> the float16 bits of mtp_ext::kernels::to_f16, for 512 values.
+__global__ void to_f16_kernel(int* ints) {
+  for (int i = threadIdx.x; i < 512; i += blockDim.x)
+    ints[i] = mtp_ext::kernels::to_f16(__int_as_float(ints[i])).bits;
+}
+
 std::string run(const char* name, int* ints) {
   cudaGetLastError();
   if (std::strcmp(name, "reductions") == 0) {
@@ -144,6 +185,23 @@ std::string run(const char* name, int* ints) {
     bounded_kernel<<<1, 64>>>(ints);
   } else if (std::strcmp(name, "over_launch_bounds") == 0) {
     bounded_kernel<<<1, 128>>>(ints);
+  } else if (std::strcmp(name, "wmma") == 0) {
+    wmma_kernel<<<1, 32>>>(reinterpret_cast<unsigned short*>(ints),
+                           reinterpret_cast<float*>(ints + 256), 32, 0);
+  } else if (std::strcmp(name, "wmma_half_warp") == 0) {
+    wmma_kernel<<<1, 32>>>(reinterpret_cast<unsigned short*>(ints),
+                           reinterpret_cast<float*>(ints + 256), 16, 0);
+  } else if (std::strcmp(name, "wmma_misaligned") == 0) {
+    wmma_kernel<<<1, 32>>>(reinterpret_cast<unsigned short*>(ints),
+                           reinterpret_cast<float*>(ints + 256), 32, 8);
+  } else if (std::strcmp(name, "async_copy") == 0) {
+    async_copy_kernel<<<1, 32>>>(ints, ints + 128, 1);
+  } else if (std::strcmp(name, "async_copy_without_wait") == 0) {
+    async_copy_kernel<<<1, 32>>>(ints, ints + 128, 0);
+  } else if (std::strcmp(name, "async_copy_misaligned") == 0) {
+    async_copy_kernel<<<1, 32>>>(ints + 1, ints + 128, 1);
+  } else if (std::strcmp(name, "to_f16") == 0) {
+    to_f16_kernel<<<1, 64>>>(ints);
   } else if (std::strcmp(name, "block_too_large") == 0) {
     race_kernel<<<1, 2048>>>(ints);
   } else {

@@ -61,5 +61,29 @@ MTP_HD bf16 to_bf16(float f) {
   return bf16{uint16_t(u >> 16)};
 }
 
+// Round-to-nearest-even float32 -> float16: overflow to infinity, subnormals, NaN stays NaN.
+MTP_HD f16 to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return f16{uint16_t(sign | 0x7e00u)};
+  if (a >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00u)};  // 65520 and up round to infinity
+  if (a >= 0x38800000u) {                                       // a float16 normal (>= 2^-14)
+    uint32_t m = a - 0x38000000u;                               // exponent rebiased by 112
+    m += 0xfffu + ((m >> 13) & 1u);
+    return f16{uint16_t(sign | (m >> 13))};
+  }
+  // A subnormal (or zero) of float16: the value in units of 2^-24, rounded (1024 is the smallest
+  // normal, which the encoding gives for free).
+  const uint32_t e = a >> 23;
+  if (e < 102) return f16{uint16_t(sign)};  // below 2^-25: rounds to zero
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - e;  // 14 .. 24
+  uint32_t q = mant >> shift;
+  const uint32_t rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return f16{uint16_t(sign | q)};
+}
+
 }  // namespace kernels
 }  // namespace mtp_ext

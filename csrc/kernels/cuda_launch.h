@@ -101,25 +101,32 @@ void launch_marginal_topk_partial(const void* x, DType dtype, int64_t batch, int
 // writes, per row and block of the vocabulary, exactly what launch_topk_partial writes (part_max /
 // part_sum [rows, chunks], cand_key / cand_id [rows, chunks, k]; part_max null: no statistics);
 // launch_topk_merge (scale 1) finishes. About the table's bytes once plus rows * chunks * (8 + 8k)
-// written and read back.
+// written and read back. Float16 and bfloat16 tables on devices of compute capability 8.0 and
+// newer are multiplied on tensor cores (z split into two 16-bit parts, unembed_mma_kernels.cu);
+// float32 tables, and older devices, on CUDA cores in float32.
 constexpr int64_t kUnembedMaxRows = 64;
 
 // Whether the streaming path serves these sizes: 1 <= rows <= kUnembedMaxRows, 1 <= k <=
-// kTopkMaxK, k <= vocab < 2^31 - 128, depth a multiple of 8 and 16-byte aligned table rows (w and
+// kTopkMaxK, k <= vocab < 2^31 - 256, depth a multiple of 8 and 16-byte aligned table rows (w and
 // w_row_stride); z itself must be 16-byte aligned (the caller's part).
 bool unembed_topk_fits(int64_t rows, int64_t depth, const void* w, DType dtype,
                        int64_t w_row_stride, int64_t vocab, int k);
 
+// Bytes of device workspace pass 1 needs for these sizes on the current device (0 for none).
+size_t unembed_topk_workspace(int64_t rows, int64_t depth, DType dtype);
+
 // The number of vocabulary blocks (chunks) of pass 1: a few per SM of the current device, at most
-// kTopkMaxMerge / k (what the merge accepts), each a whole number of 128-row tiles.
-int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k);
+// kTopkMaxMerge / k (what the merge accepts), each a whole number of tiles.
+int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k, DType dtype);
 
 // Pass 1. z: [rows, depth] float32 contiguous, 16-byte aligned; w: [vocab, depth] of `dtype`, rows
-// w_row_stride apart (elements contiguous); chunks from unembed_topk_chunks.
+// w_row_stride apart (elements contiguous); chunks from unembed_topk_chunks; workspace: at least
+// unembed_topk_workspace bytes, 16-byte aligned (may be null when that is 0).
 void launch_unembed_topk_partial(const float* z, int64_t rows, int64_t depth, const void* w,
                                  DType dtype, int64_t w_row_stride, int64_t vocab, int k,
                                  int64_t chunks, float* part_max, float* part_sum,
-                                 uint32_t* cand_key, int32_t* cand_id, cudaStream_t stream);
+                                 uint32_t* cand_key, int32_t* cand_id, void* workspace,
+                                 cudaStream_t stream);
 
 // ---- Dense pieces (dense_kernels.cu) -----------------------------------------------------------
 // out[g][r, v] = sum_d a[g][r, d] * w[g][v, d] in float32 for g < groups: a float32 with rows

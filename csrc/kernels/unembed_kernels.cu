@@ -1,8 +1,11 @@
-// The decode-size unembedding with a running top-k: logits = z[rows, D] . table[V, D]^T for at
-// most 64 float32 rows, streamed once over the table (in its own dtype) with, per row, a running
-// top-k and online softmax statistics. The [rows, V] logits are never written: each block writes
-// the k best candidates and the softmax statistics of its slice of the vocabulary, in the layout of
-// launch_topk_partial, and launch_topk_merge finishes (fused_mtp_heads, verify_tree_from_hidden).
+// The decode-size unembedding with a running top-k on CUDA cores: logits = z[rows, D] . table[V, D]^T
+// for at most 64 float32 rows, streamed once over the table (in its own dtype) with, per row, a
+// running top-k and online softmax statistics (unembed_topk.cuh). The [rows, V] logits are never
+// written: each block writes the k best candidates and the softmax statistics of its slice of the
+// vocabulary, in the layout of launch_topk_partial, and launch_topk_merge finishes
+// (fused_mtp_heads, verify_tree_from_hidden). Float32 tables, and devices without bfloat16 tensor
+// cores, take this kernel; 16-bit tables on compute capability 8.0 and newer take the tensor-core
+// kernel of unembed_mma_kernels.cu.
 //
 // Block (256 threads = 16 x 16): a contiguous slice of the vocabulary, in tiles of 128 table rows.
 // A tile's logits are the register tiles of rows_dot_table (dense_kernels.cu): stages of 32 depth
@@ -10,23 +13,17 @@
 // [RB / 16, 8] tile of logits; the next stage is loaded into registers (16-byte loads, raw bits)
 // while the current one is multiplied. A half-warp (the 16 threads of one ty) then holds whole
 // rows of the tile (16 lanes x 8 columns = 128), so the fold into the running state needs no
-// shared memory: each lane keeps its own softmax statistics of the rows and 4 of the row's 64
-// top-k slots; a value enters when it ranks above the row's worst slot (found by a half-warp
-// reduction), one entrant at a time. Few values enter once the slots are full.
-#include "cuda_common.cuh"
+// shared memory.
+#include "unembed_mma.h"
+#include "unembed_topk.cuh"
 
 namespace mtp_ext {
 namespace kernels {
 namespace cuda {
 namespace {
 
-constexpr int kUThreads = 256;
-constexpr int kUVB = 128;  // table rows per tile
-constexpr int kUDK = 32;   // depth per stage
-constexpr int kSlots = kTopkMaxK / 16;  // top-k slots per lane and row: 16 lanes hold 64
-
-static_assert(kUThreads == 256, "the 16 x 16 thread layout is assumed");
-static_assert(kSlots * 16 == kTopkMaxK, "16 lanes x kSlots slots hold the largest k");
+constexpr int kUVB = kUFoldCols;  // table rows per tile
+constexpr int kUDK = 32;          // depth per stage
 
 // Eight consecutive elements as raw bits (16-byte aligned): converted to float only when they are
 // stored to shared memory, so the loads stay in flight while the previous stage is multiplied.
@@ -76,57 +73,11 @@ __device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float* out) {
   }
 }
 
-// The ranking of candidates (key descending, then id ascending), as kernels::better.
-__device__ __forceinline__ bool ranks_before(uint32_t key_a, int32_t id_a, uint32_t key_b,
-                                             int32_t id_b) {
-  return key_a > key_b || (key_a == key_b && id_a < id_b);
-}
-
-// A strict total order for finding the worst slot: the ranking reversed, then the slot position
-// (only the padding slots, all equal, need it).
-__device__ __forceinline__ bool worse(uint32_t key_a, int32_t id_a, int pos_a, uint32_t key_b,
-                                      int32_t id_b, int pos_b) {
-  return key_a < key_b || (key_a == key_b && (id_a > id_b || (id_a == id_b && pos_a < pos_b)));
-}
-
-// The worst of the 16 x kSlots slots of one row held by a half-warp; every lane of the half gets
-// it. Must be called by all 32 lanes (the xor distances stay within each half).
-__device__ __forceinline__ void half_worst(const uint32_t (&key)[kSlots],
-                                           const int32_t (&id)[kSlots], int half_lane,
-                                           uint32_t& worst_key, int32_t& worst_id, int& worst_pos) {
-  uint32_t k = key[0];
-  int32_t i = id[0];
-  int p = half_lane * kSlots;
-#pragma unroll
-  for (int s = 1; s < kSlots; ++s) {
-    if (worse(key[s], id[s], half_lane * kSlots + s, k, i, p)) {
-      k = key[s];
-      i = id[s];
-      p = half_lane * kSlots + s;
-    }
-  }
-#pragma unroll
-  for (int o = 8; o > 0; o >>= 1) {
-    const uint32_t ok = __shfl_xor_sync(0xffffffffu, k, o);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-    const int op = __shfl_xor_sync(0xffffffffu, p, o);
-    if (worse(ok, oi, op, k, i, p)) {
-      k = ok;
-      i = oi;
-      p = op;
-    }
-  }
-  worst_key = k;
-  worst_id = i;
-  worst_pos = p;
-}
-
 template <typename T, int RB>
 struct UnembedShared {
   __align__(16) float zs[kUDK][RB];
   __align__(16) float ws[kUDK][kUVB + 4];
-  uint32_t fin_key[kUThreads / 16][kTopkMaxK];  // one row per half-warp, for the final ranking
-  int32_t fin_id[kUThreads / 16][kTopkMaxK];
+  FinalRanking fin;
 };
 
 // Per-thread share of one stage's loads: ZQ float4 of z, WQ groups of 8 table elements.
@@ -213,35 +164,14 @@ __global__ void __launch_bounds__(kUThreads) unembed_topk_partial_kernel(
   using S = StageShape<RB>;
   __shared__ UnembedShared<T, RB> sh;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int lane = tid % kWarp, half_lane = lane % 16;
-  const unsigned half_mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
-  const int64_t chunks = gridDim.x, chunk = blockIdx.x;
-  const int64_t v_begin = chunk * per_block;
+  const int64_t v_begin = blockIdx.x * per_block;
   const int64_t v_end = v_begin + per_block < vocab ? v_begin + per_block : vocab;
   const int64_t depth_stages = (depth + kUDK - 1) / kUDK;
   const int64_t stages = ((v_end - v_begin + kUVB - 1) / kUVB) * depth_stages;
   const bool with_stats = part_max != nullptr;
 
-  // The running state of rows ty * TR + i: statistics of this lane's columns, kSlots top-k
-  // slots (positions half_lane * kSlots + s; those >= k never rank below anything), the worst.
-  Stats st[TR];
-  uint32_t slot_key[TR][kSlots];
-  int32_t slot_id[TR][kSlots];
-  uint32_t worst_key[TR];
-  int32_t worst_id[TR];
-  int worst_pos[TR];
-#pragma unroll
-  for (int i = 0; i < TR; ++i) {
-    st[i] = stats_empty();
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      const bool used = half_lane * kSlots + s < k;
-      slot_key[i][s] = used ? 0u : 0xffffffffu;
-      slot_id[i][s] = used ? 0x7fffffff : -1;
-    }
-    half_worst(slot_key[i], slot_id[i], half_lane, worst_key[i], worst_id[i], worst_pos[i]);
-  }
-
+  RunningTopk<TR> top;
+  top.init(k);
   float acc[TR][8];
 #pragma unroll
   for (int i = 0; i < TR; ++i)
@@ -264,110 +194,26 @@ __global__ void __launch_bounds__(kUThreads) unembed_topk_partial_kernel(
     tile_fma<RB, kUDK, kUVB + 4>(sh.zs, sh.ws, tx, ty, acc);
     __syncthreads();  // the next iteration overwrites the stage
     if (ds != depth_stages - 1) continue;
-
     // The tile is complete: fold each row's 128 logits (8 per lane of its half-warp). This branch
-    // is block-uniform (s is), so every lane reaches the shuffles below.
+    // is block-uniform (s is), so every lane reaches the shuffles of the fold.
 #pragma unroll
     for (int i = 0; i < TR; ++i) {
-      const bool row_ok = ty * TR + i < rows;
-      uint32_t key[8];
-      int32_t cid[8];
-      uint32_t pending = 0;
+      top.fold(i, acc[i], v0, v_end, ty * TR + i < rows, with_stats);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t v = v0 + tile_column(tx, j);
-        const float x = acc[i][j];
-        key[j] = rank_key(x);
-        cid[j] = static_cast<int32_t>(v);
-        if (row_ok && v < v_end) {
-          if (with_stats) stats_add(st[i], x, 1.0f);
-          if (ranks_before(key[j], cid[j], worst_key[i], worst_id[i])) pending |= 1u << j;
-        }
-        acc[i][j] = 0.0f;
-      }
-      // One entrant per half-warp per round, until no lane of the warp has one pending.
-      while (__any_sync(0xffffffffu, pending != 0)) {
-        const unsigned ballot = __ballot_sync(0xffffffffu, pending != 0) & half_mask;
-        const int leader = ballot != 0 ? __ffs(ballot) - 1 : lane;
-        const int first = pending != 0 ? __ffs(pending) - 1 : 0;
-        uint32_t my_key = 0;
-        int32_t my_id = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (j == first) {
-            my_key = key[j];
-            my_id = cid[j];
-          }
-        }
-        const uint32_t c_key = __shfl_sync(0xffffffffu, my_key, leader);
-        const int32_t c_id = __shfl_sync(0xffffffffu, my_id, leader);
-        if (ballot != 0 && lane == leader) pending &= pending - 1;
-        const bool take = ballot != 0 && ranks_before(c_key, c_id, worst_key[i], worst_id[i]) &&
-                          half_lane == worst_pos[i] / kSlots;
-        // Selects, not an indexed store, so the slots stay in registers.
-#pragma unroll
-        for (int s2 = 0; s2 < kSlots; ++s2) {
-          const bool here = take && s2 == worst_pos[i] % kSlots;
-          slot_key[i][s2] = here ? c_key : slot_key[i][s2];
-          slot_id[i][s2] = here ? c_id : slot_id[i][s2];
-        }
-        half_worst(slot_key[i], slot_id[i], half_lane, worst_key[i], worst_id[i], worst_pos[i]);
-        // Candidates that no longer rank above the worst slot cannot enter any more.
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (((pending >> j) & 1u) && !ranks_before(key[j], cid[j], worst_key[i], worst_id[i]))
-            pending &= ~(1u << j);
-        }
-      }
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
     }
   }
-
-  // The block's statistics and its k best of each row, ranked (best first).
-  const int half = tid / 16;  // == ty
-#pragma unroll
-  for (int i = 0; i < TR; ++i) {
-    const int64_t row = ty * TR + i;
-    const bool row_ok = row < rows;
-    if (with_stats) {
-      Stats total = st[i];
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) {
-        const Stats other{__shfl_xor_sync(0xffffffffu, total.max, o),
-                          __shfl_xor_sync(0xffffffffu, total.sum, o)};
-        total = stats_merge(total, other, 1.0f);
-      }
-      if (row_ok && half_lane == 0) {
-        part_max[row * chunks + chunk] = total.max;
-        part_sum[row * chunks + chunk] = total.sum;
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      sh.fin_key[half][half_lane * kSlots + s] = slot_key[i][s];
-      sh.fin_id[half][half_lane * kSlots + s] = slot_id[i][s];
-    }
-    __syncwarp();
-    if (row_ok) {
-      const int64_t base = (row * chunks + chunk) * k;
-#pragma unroll
-      for (int s = 0; s < kSlots; ++s) {
-        const int pos = half_lane * kSlots + s;
-        if (pos >= k) continue;
-        const uint32_t mk = slot_key[i][s];
-        const int32_t mi = slot_id[i][s];
-        int rank = 0;
-        for (int q = 0; q < k; ++q) {
-          const uint32_t qk = sh.fin_key[half][q];
-          const int32_t qi = sh.fin_id[half][q];
-          rank += ranks_before(qk, qi, mk, mi) || (qk == mk && qi == mi && q < pos);
-        }
-        cand_key[base + rank] = mk;
-        cand_id[base + rank] = mi;
-      }
-    }
-    __syncwarp();
-  }
+  top.finish(rows, k, with_stats, sh.fin, part_max, part_sum, cand_key, cand_id);
 }
+
+// Table rows per tile (and per block, a whole number of tiles) of the kernel serving `dtype`.
+int tile_rows(DType dtype) { return unembed_mma_available(dtype) ? kMmaTile : kUVB; }
+
+int64_t tiles_per_block(int64_t vocab, int64_t chunks, int tile) {
+  return ceil_div(ceil_div(vocab, tile), chunks);
+}
+
+}  // namespace
 
 int device_sms() {
   int device = 0, sms = 0;
@@ -380,40 +226,57 @@ int device_sms() {
   return sms;
 }
 
-// Tiles of kUVB table rows per block for `chunks` blocks.
-int64_t tiles_per_block(int64_t vocab, int64_t chunks) {
-  return ceil_div(ceil_div(vocab, kUVB), chunks);
+int device_compute_major() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return major;
 }
-
-}  // namespace
 
 bool unembed_topk_fits(int64_t rows, int64_t depth, const void* w, DType dtype,
                        int64_t w_row_stride, int64_t vocab, int k) {
   const int64_t item = dtype == DType::F32 ? 4 : 2;
   return rows >= 1 && rows <= kUnembedMaxRows && k >= 1 && k <= kTopkMaxK && k <= vocab &&
-         vocab < (int64_t(1) << 31) - kUVB && depth >= 8 && depth % 8 == 0 &&
+         vocab < (int64_t(1) << 31) - kMmaTile && depth >= 8 && depth % 8 == 0 &&
          (w_row_stride * item) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
 }
 
-int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k) {
-  const int64_t tiles = ceil_div(vocab, kUVB);
-  // Resident blocks per SM: about 4 with 16-row tiles, 1 with 64-row ones (register-bound).
-  const int64_t per_sm = rows <= 16 ? 4 : 2;
+size_t unembed_topk_workspace(int64_t rows, int64_t depth, DType dtype) {
+  return unembed_mma_available(dtype) ? unembed_mma_workspace(rows, depth) : 0;
+}
+
+int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k, DType dtype) {
+  const int tile = tile_rows(dtype);
+  const int64_t tiles = ceil_div(vocab, tile);
+  // Resident blocks per SM. CUDA cores: about 4 with 16-row tiles, 1 with 64-row ones
+  // (register-bound); tensor cores: bound by shared memory.
+  const int64_t per_sm = tile == kMmaTile ? unembed_mma_blocks_per_sm(rows) : rows <= 16 ? 4 : 2;
   int64_t chunks = static_cast<int64_t>(device_sms()) * per_sm;
   const int64_t merge_cap = kTopkMaxMerge / k;  // what launch_topk_merge accepts
   if (chunks > merge_cap) chunks = merge_cap;
   if (chunks > tiles) chunks = tiles;
   if (chunks < 1) chunks = 1;
   // Every block gets whole tiles and at least one.
-  return ceil_div(tiles, tiles_per_block(vocab, chunks));
+  return ceil_div(tiles, tiles_per_block(vocab, chunks, tile));
 }
 
 void launch_unembed_topk_partial(const float* z, int64_t rows, int64_t depth, const void* w,
                                  DType dtype, int64_t w_row_stride, int64_t vocab, int k,
                                  int64_t chunks, float* part_max, float* part_sum,
-                                 uint32_t* cand_key, int32_t* cand_id, cudaStream_t stream) {
+                                 uint32_t* cand_key, int32_t* cand_id, void* workspace,
+                                 cudaStream_t stream) {
   if (rows == 0 || vocab == 0) return;
-  const int64_t per_block = tiles_per_block(vocab, chunks) * kUVB;
+  const int tile = tile_rows(dtype);
+  const int64_t per_block = tiles_per_block(vocab, chunks, tile) * tile;
+  if (tile == kMmaTile) {
+    launch_unembed_topk_partial_mma(z, rows, depth, w, dtype, w_row_stride, vocab, k, chunks,
+                                    per_block, part_max, part_sum, cand_key, cand_id, workspace,
+                                    stream);
+    return;
+  }
   const unsigned grid = static_cast<unsigned>(chunks);
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
