@@ -232,7 +232,8 @@ def test_cuda_fused_mtp_heads_matches_cpu(seed):
 # ------------------------------------------------------------------------------------------------
 # The unembedding paths of fused_mtp_heads and verify_tree_from_hidden: up to 64 rows (k <= 64, D a
 # multiple of 8, contiguous lm_head rows) one streaming kernel with a running top-k that never
-# writes the logits; otherwise the logits are computed and ranked. Both against the CPU kernel.
+# writes the logits (on tensor cores for 16-bit lm_head from compute capability 8.0); otherwise
+# the logits are computed and ranked. Both against the CPU kernel.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -262,6 +263,7 @@ def check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw, vocab_ids=None
     [
         (1, 3, 64, 1000),  # 3 rows: the streaming kernel's 16-row tiles, V not a multiple of 128
         (4, 4, 96, 5000),  # 16 rows
+        (7, 4, 40, 3001),  # 28 rows: 32-row tiles on tensor cores, D not a multiple of 32
         (16, 4, 64, 3001),  # 64 rows: the 64-row tiles
         (17, 4, 64, 3001),  # 68 rows: logits written, then the row top-k
         (3, 2, 60, 2000),  # D not a multiple of 8: the written-logits path at few rows
