@@ -96,11 +96,11 @@ def fused_mtp_heads(
     log-softmax values and ids. All heads and rows share one pass over ``lm_head``, and the
     ``[N, H, V]`` logits are never written.
 
-    Precision: ``z`` is float32 and products accumulate in float32. On CUDA, for at most 64 rows
-    (``N * H``) with a float16 or bfloat16 ``lm_head`` on compute capability 8.0 or newer, the
-    products run on tensor cores with ``z`` split into two 16-bit parts: about 2^-17 relative error
-    per term instead of float32's 2^-24, so the top-``k`` can differ from the CPU's only between
-    logits that are equal to that precision.
+    Precision: ``z`` is float32 and products accumulate in float32. On CUDA with float16 or
+    bfloat16 weights on compute capability 8.0 or newer (and ``D`` a multiple of 8), the heads'
+    blocks and the unembedding run on tensor cores with their float32 inputs split into two 16-bit
+    parts: about 2^-17 relative error per term instead of float32's 2^-24, so the top-``k`` can
+    differ from the CPU's only between logits that are equal to that precision.
 
     Args:
         hidden: ``[N, D]`` float32, float16 or bfloat16.
@@ -231,7 +231,10 @@ def small_batch_linear(
     """``x @ weight.T + bias`` for a few rows, reading each weight row once for all of them.
 
     On a CPU the BLAS path for 2 or more rows costs far more than for 1; this kernel makes
-    ``M <= 64`` rows cost about what the weight stream costs. Correct for any ``M``.
+    ``M <= 64`` rows cost about what the weight stream costs. Correct for any ``M``. On CUDA with
+    a float16 or bfloat16 ``weight`` (compute capability 8.0 or newer, ``K`` a multiple of 8) the
+    products run on tensor cores with ``x`` split into two 16-bit parts: about 2^-17 relative
+    error per term instead of float32's 2^-24.
 
     Args:
         x: ``[M, K]`` float32, float16 or bfloat16.

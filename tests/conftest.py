@@ -30,9 +30,11 @@ _EMULATOR_ROUTES = []
 
 def pytest_configure(config):
     if config.getoption("--cuda-emulator"):
+        import helpers
         from cuda_emulator import route_cpu_ops_to_emulator
 
         _EMULATOR_ROUTES.append(route_cpu_ops_to_emulator())
+        helpers.CUDA_CODE_ON_CPU = True
 
 
 def pytest_collection_modifyitems(config, items):

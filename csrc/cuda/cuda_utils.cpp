@@ -118,10 +118,7 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
   const int kk = static_cast<int>(k);
   const kc::DType dtype = storage_type(table);
   const int64_t chunks = kc::unembed_topk_chunks(rows, vocab, kk, dtype);
-  const size_t workspace_bytes = kc::unembed_topk_workspace(rows, depth, dtype);
-  at::Tensor workspace;
-  if (workspace_bytes > 0)
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, z.options().dtype(at::kByte));
+  const at::Tensor scratch = workspace(kc::unembed_topk_workspace(rows, depth, dtype), z);
   const bool stats = mode == kc::TopkOut::LogProb || mode == kc::TopkOut::Prob;
   const auto f32 = z.options().dtype(at::kFloat);
   at::Tensor part_max, part_sum;
@@ -136,7 +133,7 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
       kk, chunks, stats ? part_max.data_ptr<float>() : nullptr,
       stats ? part_sum.data_ptr<float>() : nullptr,
       reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(),
-      workspace_bytes > 0 ? workspace.data_ptr() : nullptr, s);
+      scratch.defined() ? scratch.data_ptr() : nullptr, s);
   MTP_EXT_CHECK_LAUNCH();
   kc::launch_topk_merge(rows, chunks, kk, stats ? part_max.const_data_ptr<float>() : nullptr,
                         stats ? part_sum.const_data_ptr<float>() : nullptr,
@@ -146,6 +143,11 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
                         out_id.data_ptr<int64_t>(), nullptr, s);
   MTP_EXT_CHECK_LAUNCH();
   return true;
+}
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
 at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table) {
@@ -159,9 +161,13 @@ at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table) {
   at::Tensor out = at::empty({rows, n}, a.options().dtype(at::kFloat));
   if (rows == 0 || n == 0) return out;
   if (depth == 0) return out.zero_();
+  const kc::DType dtype = storage_type(w);
+  const at::Tensor scratch = workspace(
+      kc::rows_dot_table_workspace(rows, depth, 0, w.const_data_ptr(), dtype, n, w.stride(0), 0, 1),
+      af);
   kc::launch_rows_dot_table(af.const_data_ptr<float>(), rows, depth, depth, 0, w.const_data_ptr(),
-                            storage_type(w), n, w.stride(0), 0, out.data_ptr<float>(), n, 0, 1,
-                            stream());
+                            dtype, n, w.stride(0), 0, out.data_ptr<float>(), n, 0, 1,
+                            scratch.defined() ? scratch.data_ptr() : nullptr, stream());
   MTP_EXT_CHECK_LAUNCH();
   return out;
 }

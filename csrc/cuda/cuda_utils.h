@@ -45,13 +45,17 @@ std::tuple<at::Tensor, at::Tensor> sorted_ranking(const at::Tensor& x, int64_t r
 
 // The top-k of the rows of logits = z[rows, D] . table[V, D]^T by the streaming kernels
 // (unembed_kernels.cu: float32 products, or tensor cores for 16-bit tables where the device has
-// them), which read the table once for all rows and never write the logits: out_val[rows, k] as `mode` says (LogProb or None; out_val may be undefined for None) and
-// out_id[rows, k] (int64), best first, ties toward the lower row of the table. Returns false, doing
-// nothing, where that kernel does not serve the sizes (more than kUnembedMaxRows rows, k > 64, a
+// them), which read the table once for all rows and never write the logits: out_val[rows, k] as
+// `mode` says (LogProb or None; out_val may be undefined for None) and out_id[rows, k] (int64),
+// best first, ties toward the lower row of the table. Returns false, doing nothing, where those
+// kernels do not serve the sizes (more than kUnembedMaxRows rows, k > 64, a
 // depth not a multiple of 8, unaligned or non-contiguous table rows); the caller then computes the
 // logits and calls row_topk.
 bool unembed_topk(const at::Tensor& z, const at::Tensor& table, int64_t k, kc::TopkOut mode,
                   const at::Tensor& out_val, const at::Tensor& out_id);
+
+// A device buffer of `bytes` bytes on `like`'s device for a kernel's workspace (undefined for 0).
+at::Tensor workspace(size_t bytes, const at::Tensor& like);
 
 // out[rows, N] (float32) = a[rows, K] (float32) . table[N, K]^T, the table read in its own dtype.
 at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table);

@@ -6,7 +6,8 @@
 // all rows, keeping a running top-k and log-sum-exp per row; the [N, H, V] logits are never
 // written (unembed_topk). Beyond that the logits are computed (lm_head read once per 64 rows, or
 // cuBLAS past 256 rows) and ranked by the row top-k. At more than 256 rows the heads' products go
-// through ATen (cuBLAS, float32) too.
+// through ATen (cuBLAS, float32) too. With 16-bit weights on compute capability 8.0 and newer the
+// heads' products and the unembedding run on tensor cores (kernels/mma_kernels.cu).
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -38,9 +39,15 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
     if (depth == 0) {
       y.zero_();
     } else {
+      const kc::DType dtype = storage_type(w);
+      const at::Tensor scratch =
+          workspace(kc::rows_dot_table_workspace(n, depth, 0, w.const_data_ptr(), dtype, depth,
+                                                 depth, depth * depth, heads),
+                    x);
       kc::launch_rows_dot_table(x.const_data_ptr<float>(), n, depth, depth, 0, w.const_data_ptr(),
-                                storage_type(w), depth, depth, depth * depth, y.data_ptr<float>(),
-                                heads * depth, depth, heads, stream());
+                                dtype, depth, depth, depth * depth, y.data_ptr<float>(),
+                                heads * depth, depth, heads,
+                                scratch.defined() ? scratch.data_ptr() : nullptr, stream());
       MTP_EXT_CHECK_LAUNCH();
     }
   } else {

@@ -445,7 +445,8 @@ void async_commit() {
 void async_wait_prior(size_t prior) {
   Lane& l = current_lane();
   while (l.committed_copies.size() > prior) {
-    for (const PendingCopy& c : l.committed_copies.front()) std::memcpy(c.dst, c.bytes.data(), c.size);
+    for (const PendingCopy& c : l.committed_copies.front())
+      std::memcpy(c.dst, c.bytes.data(), c.size);
     l.committed_copies.pop_front();
   }
 }

@@ -102,7 +102,7 @@ void launch_marginal_topk_partial(const void* x, DType dtype, int64_t batch, int
 // part_sum [rows, chunks], cand_key / cand_id [rows, chunks, k]; part_max null: no statistics);
 // launch_topk_merge (scale 1) finishes. About the table's bytes once plus rows * chunks * (8 + 8k)
 // written and read back. Float16 and bfloat16 tables on devices of compute capability 8.0 and
-// newer are multiplied on tensor cores (z split into two 16-bit parts, unembed_mma_kernels.cu);
+// newer are multiplied on tensor cores (z split into two 16-bit parts, mma_kernels.cu);
 // float32 tables, and older devices, on CUDA cores in float32.
 constexpr int64_t kUnembedMaxRows = 64;
 
@@ -130,15 +130,24 @@ void launch_unembed_topk_partial(const float* z, int64_t rows, int64_t depth, co
 
 // ---- Dense pieces (dense_kernels.cu) -----------------------------------------------------------
 // out[g][r, v] = sum_d a[g][r, d] * w[g][v, d] in float32 for g < groups: a float32 with rows
-// a_row_stride apart (elements of a row contiguous), w of `dtype` with rows w_row_stride apart
-// (elements contiguous), out float32 with rows out_row_stride apart. Each w row is read once per
-// 64 rows of a: the decode-size product of the heads' blocks, the unembedding and the
-// small-batch linear layer.
+// a_row_stride apart (elements of a row contiguous; a_group_stride 0: the groups share a), w of
+// `dtype` with rows w_row_stride apart (elements contiguous), out float32 with rows
+// out_row_stride apart. Each w row is read once per 64 rows of a: the decode-size product of the
+// heads' blocks, the unembedding and the small-batch linear layer. Float16 and bfloat16 tables
+// (16-byte aligned rows, depth % 8 == 0, groups sharing a) on compute capability 8.0 and newer are
+// multiplied on tensor cores (mma_kernels.cu: a split into two 16-bit parts, about 2^-17 relative
+// error per term); the rest on CUDA cores in float32.
+//
+// Bytes of device workspace launch_rows_dot_table needs for these sizes (0 for none).
+size_t rows_dot_table_workspace(int64_t rows, int64_t depth, int64_t a_group_stride,
+                                const void* w, DType dtype, int64_t table_rows,
+                                int64_t w_row_stride, int64_t w_group_stride, int64_t groups);
+// workspace: at least rows_dot_table_workspace bytes, 16-byte aligned (null when that is 0).
 void launch_rows_dot_table(const float* a, int64_t rows, int64_t depth, int64_t a_row_stride,
                            int64_t a_group_stride, const void* w, DType dtype, int64_t table_rows,
                            int64_t w_row_stride, int64_t w_group_stride, float* out,
                            int64_t out_row_stride, int64_t out_group_stride, int64_t groups,
-                           cudaStream_t stream);
+                           void* workspace, cudaStream_t stream);
 
 // z[n, h, :] = x[n] + SiLU(y[n, h] + bias[h]) then, when norm_weight is given,
 // z * rsqrt(mean(z^2) + eps) * norm_weight. x: [N, D] float32 contiguous; y, z: [N, H, D] float32

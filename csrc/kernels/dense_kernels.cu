@@ -6,8 +6,10 @@
 // [RB, 128] tile of out from [RB, 32] slices of a and [128, 32] slices of w staged in shared
 // memory, each thread a [RB / 16, 8] register tile. w is read from device memory once per RB rows
 // of a, in its own dtype (16-byte loads where aligned), so for decode sizes the table stream is
-// the whole cost until the product becomes arithmetic-bound (about 16 rows).
+// the whole cost until the product becomes arithmetic-bound (about 16 rows). Float16 and bfloat16
+// tables on compute capability 8.0 and newer go to the tensor-core product of mma_kernels.cu.
 #include "cuda_common.cuh"
+#include "mma_launch.h"
 
 namespace mtp_ext {
 namespace kernels {
@@ -151,12 +153,27 @@ void launch_dot(const float* a, int64_t rows, int64_t depth, int64_t a_row_strid
 
 }  // namespace
 
+size_t rows_dot_table_workspace(int64_t rows, int64_t depth, int64_t a_group_stride,
+                                const void* w, DType dtype, int64_t table_rows,
+                                int64_t w_row_stride, int64_t w_group_stride, int64_t groups) {
+  if (rows == 0 || table_rows == 0 || groups == 0 ||
+      !rows_dot_mma_fits(depth, a_group_stride, w, dtype, w_row_stride, w_group_stride))
+    return 0;
+  return rows_dot_mma_workspace(rows, depth, table_rows, groups);
+}
+
 void launch_rows_dot_table(const float* a, int64_t rows, int64_t depth, int64_t a_row_stride,
                            int64_t a_group_stride, const void* w, DType dtype, int64_t table_rows,
                            int64_t w_row_stride, int64_t w_group_stride, float* out,
                            int64_t out_row_stride, int64_t out_group_stride, int64_t groups,
-                           cudaStream_t stream) {
+                           void* workspace, cudaStream_t stream) {
   if (rows == 0 || table_rows == 0 || groups == 0) return;
+  if (rows_dot_mma_fits(depth, a_group_stride, w, dtype, w_row_stride, w_group_stride)) {
+    launch_rows_dot_mma(a, rows, depth, a_row_stride, w, dtype, table_rows, w_row_stride,
+                        w_group_stride, out, out_row_stride, out_group_stride, groups, workspace,
+                        stream);
+    return;
+  }
   auto go = [&](auto tag) {
     using T = decltype(tag);
     const T* wt = static_cast<const T*>(w);

@@ -1,11 +1,11 @@
-// The decode-size unembedding with a running top-k on CUDA cores: logits = z[rows, D] . table[V, D]^T
-// for at most 64 float32 rows, streamed once over the table (in its own dtype) with, per row, a
+// The decode-size unembedding with a running top-k on CUDA cores: logits = z[rows, D] .
+// table[V, D]^T for at most 64 float32 rows, streamed once over the table (in its own dtype) with, per row, a
 // running top-k and online softmax statistics (unembed_topk.cuh). The [rows, V] logits are never
 // written: each block writes the k best candidates and the softmax statistics of its slice of the
 // vocabulary, in the layout of launch_topk_partial, and launch_topk_merge finishes
 // (fused_mtp_heads, verify_tree_from_hidden). Float32 tables, and devices without bfloat16 tensor
 // cores, take this kernel; 16-bit tables on compute capability 8.0 and newer take the tensor-core
-// kernel of unembed_mma_kernels.cu.
+// kernel of mma_kernels.cu.
 //
 // Block (256 threads = 16 x 16): a contiguous slice of the vocabulary, in tiles of 128 table rows.
 // A tile's logits are the register tiles of rows_dot_table (dense_kernels.cu): stages of 32 depth
@@ -14,7 +14,7 @@
 // while the current one is multiplied. A half-warp (the 16 threads of one ty) then holds whole
 // rows of the tile (16 lanes x 8 columns = 128), so the fold into the running state needs no
 // shared memory.
-#include "unembed_mma.h"
+#include "mma_launch.h"
 #include "unembed_topk.cuh"
 
 namespace mtp_ext {
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kUThreads) unembed_topk_partial_kernel(
 }
 
 // Table rows per tile (and per block, a whole number of tiles) of the kernel serving `dtype`.
-int tile_rows(DType dtype) { return unembed_mma_available(dtype) ? kMmaTile : kUVB; }
+int tile_rows(DType dtype) { return mma_available(dtype) ? kMmaTile : kUVB; }
 
 int64_t tiles_per_block(int64_t vocab, int64_t chunks, int tile) {
   return ceil_div(ceil_div(vocab, tile), chunks);
@@ -245,7 +245,7 @@ bool unembed_topk_fits(int64_t rows, int64_t depth, const void* w, DType dtype,
 }
 
 size_t unembed_topk_workspace(int64_t rows, int64_t depth, DType dtype) {
-  return unembed_mma_available(dtype) ? unembed_mma_workspace(rows, depth) : 0;
+  return mma_available(dtype) ? unembed_mma_workspace(rows, depth) : 0;
 }
 
 int64_t unembed_topk_chunks(int64_t rows, int64_t vocab, int k, DType dtype) {

@@ -1,6 +1,6 @@
 // The running top-k and online softmax statistics of the decode-size unembedding kernels
-// (unembed_kernels.cu on CUDA cores, unembed_mma_kernels.cu on tensor cores): a block of 256 threads
-// = 16 half-warps, half-warp ty keeping rows ty * TR .. ty * TR + TR - 1 of the block's rows. Logits
+// (unembed_kernels.cu on CUDA cores, mma_kernels.cu on tensor cores): a block of 256 threads = 16
+// half-warps, half-warp ty keeping rows ty * TR .. ty * TR + TR - 1 of the block's rows. Logits
 // arrive in tiles of 128 vocabulary entries; lane tx of a half-warp folds the 8 columns
 // tile_column(tx, j) of each of its rows. Each lane keeps its own softmax statistics of the rows
 // and kSlots of the row's kTopkMaxK top-k slots; a value enters when it ranks above the row's worst
