@@ -150,6 +150,52 @@ def assert_ids_valid(ids: torch.Tensor, vocab: int):
     assert bool((sorted_ids[..., 1:] != sorted_ids[..., :-1]).all()), "repeated id in a row"
 
 
+def valid_walk(num, tokens, path, draft, par, logits, tol: float) -> bool:
+    """Whether one row's (num, tokens, path) is the walk of verify_tree for some choice of targets
+    within ``tol`` of the best logit at each visited node (lists; logits [T, V] float64)."""
+    t, v = len(draft), logits.shape[-1]
+    padding = [-1] * (t - num - 1)
+    if path[0] != 0 or tokens[num + 1 :] != padding or path[num + 1 :] != padding:
+        return False
+    for j in range(num + 1):
+        node, y = path[j], tokens[j]
+        if not (0 <= y < v) or float(logits[node, y]) < float(logits[node].max()) - tol:
+            return False
+        child = next((c for c in range(node + 1, t) if par[c] == node and draft[c] == y), None)
+        if child != (path[j + 1] if j < num else None):
+            return False
+    return True
+
+
+def assert_equal_up_to_near_ties(
+    out, expected, draft, parents, logits, tol: float, max_rows: int = 1
+):
+    """Greedy verify_tree results ``(num_accepted, tokens, path)`` equal ``expected`` exactly,
+    except at most ``max_rows`` rows whose walk is valid for targets within ``tol`` of the best of
+    ``logits [B, T, V]`` at each visited node (near ties, which kernels that round differently may
+    break either way; the first such row is reported)."""
+    num, tokens, path = (o.cpu() for o in out)
+    for o in out:
+        assert o.dtype == torch.int64
+    b, t = draft.shape
+    assert num.shape == (b,) and tokens.shape == (b, t) and path.shape == (b, t)
+    par = parents.expand(b, t) if parents.dim() == 1 else parents
+    differ = [
+        r
+        for r in range(b)
+        if any(not torch.equal(o[r], e[r]) for o, e in zip((num, tokens, path), expected))
+    ]
+    for r in differ:
+        n = int(num[r])
+        walk = (tokens[r].tolist(), path[r].tolist(), draft[r].tolist(), par[r].tolist())
+        assert 0 <= n < t and valid_walk(n, *walk, logits[r], tol), (
+            f"row {r} differs from the reference without a near tie: kernel "
+            f"{[num[r].item(), tokens[r].tolist(), path[r].tolist()]} vs reference "
+            f"{[expected[0][r].item(), expected[1][r].tolist(), expected[2][r].tolist()]}"
+        )
+    assert len(differ) <= max_rows, f"{len(differ)} rows differ from the reference (near ties)"
+
+
 def assert_topk_equivalent(
     values: torch.Tensor,
     ids: torch.Tensor,

@@ -16,6 +16,7 @@ from helpers import (
     CUDA_AVAILABLE,
     TOL,
     assert_close,
+    assert_equal_up_to_near_ties,
     assert_topk_equivalent,
     linear_tol,
     medusa_tree,
@@ -329,8 +330,11 @@ def test_cuda_verify_from_hidden_paths_match_cpu(b, t, d, v, dtype):
     draft[:, 1::3] = 0  # some branches rejected
     for norm in (nw, None):
         args = (draft, par, hidden, lm_head, norm)
-        compare(ops.verify_tree_from_hidden(*to_cuda(args)), ops.verify_tree_from_hidden(*args),
-                "verify_tree_from_hidden")
+        # 16-bit lm_head: tensor cores (about 2^-17 relative per term) may break a near-tie of the
+        # float32 logits the other way than the CPU does.
+        logits = ref64(lambda h, w, nw=norm: ref.final_norm(h, nw) @ w.float().T, hidden, lm_head)
+        assert_equal_up_to_near_ties(ops.verify_tree_from_hidden(*to_cuda(args)),
+                                     ops.verify_tree_from_hidden(*args), draft, par, logits, 1e-3)
 
 
 def test_cuda_verify_from_hidden_nan_rows():

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DTYPES, TREES, devices, randn, random_case, ref64
+from helpers import (
+    DTYPES,
+    TREES,
+    assert_equal_up_to_near_ties,
+    devices,
+    randn,
+    random_case,
+    ref64,
+)
 from test_verify_tree import KNOWN, logits_for_targets
 
 from mtp_ext import ops
@@ -39,56 +47,13 @@ def make_case(b, t, v, d, dtype, seed, batched_parents, norm=True):
     return draft, parents, hidden, lm_head, nw, logits
 
 
-def valid_walk(num, tokens, path, draft, par, logits, tol=NEAR_TIE):
-    """Whether one row's (num, tokens, path) is the walk of verify_tree for some choice of targets
-    within ``tol`` of the best logit at each visited node (lists; logits [T, V] float64)."""
-    t, v = len(draft), logits.shape[-1]
-    padding = [-1] * (t - num - 1)
-    if path[0] != 0 or tokens[num + 1 :] != padding or path[num + 1 :] != padding:
-        return False
-    for j in range(num + 1):
-        node, y = path[j], tokens[j]
-        if not (0 <= y < v) or float(logits[node, y]) < float(logits[node].max()) - tol:
-            return False
-        child = next((c for c in range(node + 1, t) if par[c] == node and draft[c] == y), None)
-        if child != (path[j + 1] if j < num else None):
-            return False
-    return True
-
-
-def assert_equal_up_to_near_ties(out, expected, draft, parents, logits, max_rows=1):
-    """Exact equality with the reference, except at most ``max_rows`` rows whose walk is valid for
-    near-tie targets (the first such row is reported)."""
-    num, tokens, path = (o.cpu() for o in out)
-    for o in out:
-        assert o.dtype == torch.int64
-    b, t = draft.shape
-    assert num.shape == (b,) and tokens.shape == (b, t) and path.shape == (b, t)
-    par = parents.expand(b, t) if parents.dim() == 1 else parents
-    differ = [
-        r
-        for r in range(b)
-        if any(not torch.equal(o[r], e[r]) for o, e in zip((num, tokens, path), expected))
-    ]
-    for r in differ:
-        n = int(num[r])
-        assert 0 <= n < t and valid_walk(
-            n, tokens[r].tolist(), path[r].tolist(), draft[r].tolist(), par[r].tolist(), logits[r]
-        ), (
-            f"row {r} differs from the reference without a near tie: kernel "
-            f"{[num[r].item(), tokens[r].tolist(), path[r].tolist()]} vs reference "
-            f"{[expected[0][r].item(), expected[1][r].tolist(), expected[2][r].tolist()]}"
-        )
-    assert len(differ) <= max_rows, f"{len(differ)} rows differ from the reference (near ties)"
-
-
 def check(draft, parents, hidden, lm_head, nw, logits, device, eps=1e-6):
     args = [draft, parents, hidden, lm_head, nw]
     out = ops.verify_tree_from_hidden(*(None if a is None else a.to(device) for a in args), eps)
     for o in out:
         assert o.device.type == torch.device(device).type
     expected = ref64(ref.verify_tree_from_hidden, *args, eps)
-    assert_equal_up_to_near_ties(out, expected, draft, parents, logits)
+    assert_equal_up_to_near_ties(out, expected, draft, parents, logits, NEAR_TIE)
     return expected
 
 
@@ -119,7 +84,9 @@ def test_equals_verify_tree_on_the_model_logits(device):
     out = ops.verify_tree_from_hidden(
         draft.to(device), parents.to(device), hidden.to(device), lm_head.to(device), nw.to(device)
     )
-    assert_equal_up_to_near_ties(out, [e.cpu() for e in expected], draft, parents, logits.double())
+    assert_equal_up_to_near_ties(
+        out, [e.cpu() for e in expected], draft, parents, logits.double(), NEAR_TIE
+    )
 
 
 @pytest.mark.parametrize("device", devices())
