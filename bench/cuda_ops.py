@@ -348,6 +348,15 @@ def fmt_time(s):
     return f"{s * 1e3:.3f} ms" if s >= 1e-4 else f"{s * 1e6:.1f} us"
 
 
+def cores_line(capability: list[int] | None) -> str:
+    """Which cores multiply the bfloat16 heads and unembedding on this device."""
+    if capability is None:
+        return "No GPU: CPU kernels."
+    cores = "tensor cores" if tuple(capability) >= (8, 0) else "CUDA cores"
+    major, minor = capability
+    return f"Compute capability {major}.{minor}: the bf16 heads and unembedding run on {cores}."
+
+
 def write_md(path, meta, rows):
     lines = [
         f"# mtp_ext ops on {meta['device_name']}",
@@ -355,6 +364,7 @@ def write_md(path, meta, rows):
         f"Date: {meta['date']}. torch {meta['torch']}, CUDA {meta['cuda']}. Command: `{meta['command']}`.",
         f"Measured copy bandwidth (device-to-device copy_, bytes read + written): "
         f"{meta['copy_gbps']:.0f} GB/s.",
+        cores_line(meta["capability"]),
         "",
         "Times are medians (kernel: " + meta["kernel_timing"] + "; reference and compiled: eager). "
         "bytes = the least traffic of the op (inputs read once, outputs written once); "
@@ -410,6 +420,7 @@ def main(argv=None) -> int:
     meta = dict(
         device=args.device,
         device_name=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
+        capability=list(torch.cuda.get_device_capability()) if args.device == "cuda" else None,
         date=datetime.date.today().isoformat(),
         torch=torch.__version__,
         cuda=torch.version.cuda,
