@@ -22,6 +22,10 @@ ctest --test-dir build/cmake --output-on-failure
 # running its CUDA launcher and kernels under the emulator of csrc/emulator
 # (tests/cuda_emulator.py).
 .venv/bin/python -m pytest --cuda-emulator -q -p no:warnings "${EMULATED_TESTS[@]}"
+# The same for the ops with a tensor-core path (16-bit tables from compute capability 8.0, the
+# emulator's default 9.0), on a device of 7.5: their CUDA-core kernels.
+CUDA_EMU_CC=7.5 .venv/bin/python -m pytest --cuda-emulator -q -p no:warnings \
+  tests/test_fused_mtp_heads.py tests/test_verify_tree_from_hidden.py tests/test_small_batch_linear.py
 # The decoding tests on the oldest supported transformers release as well.
 bash scripts/test_transformers_oldest.sh
 # Benchmark smoke run: every benchmark's correctness check on small shapes, without timing.
