@@ -19,12 +19,26 @@ def backends(op_name: str) -> list[str]:
     return found
 
 
+def cuda_device_text() -> str:
+    """The current CUDA device, and which cores multiply 16-bit weights in the ops that have a
+    tensor-core path (compute capability 8.0 and newer)."""
+    if not torch.cuda.is_available():
+        return "CUDA device available: False"
+    major, minor = torch.cuda.get_device_capability()
+    cores = "tensor cores" if (major, minor) >= (8, 0) else "CUDA cores (tensor cores need 8.0)"
+    return (
+        f"CUDA device: {torch.cuda.get_device_name()}, compute capability {major}.{minor}: "
+        f"float16 / bfloat16 weights in fused_mtp_heads, verify_tree_from_hidden and "
+        f"small_batch_linear run on {cores}"
+    )
+
+
 def info_text() -> str:
     """A human-readable report: versions, build, devices and per-op backends."""
     lines = [
         f"mtp_ext {__version__}",
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
-        f"CUDA device available: {torch.cuda.is_available()}",
+        cuda_device_text(),
         "ops (backends with a kernel; Meta = fake for torch.compile):",
     ]
     width = max(len(n) for n in OP_NAMES)
