@@ -122,6 +122,18 @@ def assert_close(actual, expected, tol: tuple[float, float], msg: str = "", equa
     )
 
 
+def heads_inputs(n, h, d, v, dtype, seed, hidden_scale=1.0, lm_scale=0.5, norm=True):
+    """``(hidden [N, D], weight [H, D, D], bias [H, D], lm_head [V, D], norm_weight [D] or None)``
+    for fused_mtp_heads, drawn with seeds ``seed .. seed + 4``; the bias scales with the hidden
+    states."""
+    hidden = randn(n, d, dtype=dtype, seed=seed, scale=hidden_scale)
+    weight = randn(h, d, d, dtype=dtype, seed=seed + 1, scale=d**-0.5)
+    bias = randn(h, d, dtype=dtype, seed=seed + 2, scale=0.1 * hidden_scale)
+    lm_head = randn(v, d, dtype=dtype, seed=seed + 3, scale=lm_scale)
+    nw = (1 + randn(d, seed=seed + 4, scale=0.1)).to(dtype) if norm else None
+    return hidden, weight, bias, lm_head, nw
+
+
 def assert_same_outputs(
     actual, expected, what: str = "", tol: tuple[float, float] = (1e-5, 1e-5)
 ):

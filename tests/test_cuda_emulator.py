@@ -22,7 +22,7 @@ import ctypes
 import pytest
 import torch
 from cuda_emulator import BUILD, NAME, load
-from helpers import TOL, assert_same_outputs, medusa_tree, rand, randn, verify_inputs
+from helpers import TOL, assert_same_outputs, heads_inputs, medusa_tree, rand, randn, verify_inputs
 
 from mtp_ext import ops
 
@@ -282,12 +282,24 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
 
 
 def heads_args(dtype, n, h, d, v, k, hidden_scale=1.0, lm_scale=0.4, norm=True):
-    hidden = randn(n, d, dtype=dtype, seed=1, scale=hidden_scale)
-    weight = randn(h, d, d, dtype=dtype, seed=2, scale=d**-0.5)
-    bias = randn(h, d, dtype=dtype, seed=3, scale=0.1 * hidden_scale)
-    lm_head = randn(v, d, dtype=dtype, seed=4, scale=lm_scale)
-    nw = (1 + randn(d, seed=5, scale=0.1)).to(dtype) if norm else None
+    hidden, weight, bias, lm_head, nw = heads_inputs(
+        n, h, d, v, dtype, 1, hidden_scale, lm_scale, norm
+    )
     return (hidden, weight, bias, lm_head, k, nw, 1e-6, None)
+
+
+def on_both_capabilities(monkeypatch, launches, run, expected, what, tol) -> dict:
+    """``run()`` on emulated devices of compute capability 9.0 and 7.5 (16-bit tables take the
+    tensor-core kernels from 8.0 on, the CUDA-core kernels before), each compared with
+    ``expected``; returns the launches each made."""
+    count = {}
+    for cc in ["9.0", "7.5"]:
+        monkeypatch.setenv("CUDA_EMU_CC", cc)
+        before = launches()
+        out = run()
+        count[cc] = launches() - before
+        compare(out, expected, f"{what} on {cc}", tol)
+    return count
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
@@ -305,16 +317,16 @@ def heads_args(dtype, n, h, d, v, k, hidden_scale=1.0, lm_scale=0.4, norm=True):
 def test_fused_mtp_heads(emu, schedule, monkeypatch, launches, dtype, n, h, d, v, k):
     args = heads_args(dtype, n, h, d, v, k)
     expected = torch.ops.mtp_ext.fused_mtp_heads(*args)
-    count = {}
-    # Compute capability 9.0 and 7.5: 16-bit tables take the tensor-core kernels from 8.0 on, for
-    # the heads' blocks and for the unembedding (one launch more each: the split of the rows), the
-    # CUDA-core kernels before.
-    for cc in ["9.0", "7.5"]:
-        monkeypatch.setenv("CUDA_EMU_CC", cc)
-        before = launches()
-        out = emu.fused_mtp_heads(*args)
-        count[cc] = launches() - before
-        compare(out, expected, f"fused_mtp_heads on {cc}", TOL[dtype].logprob)
+    count = on_both_capabilities(
+        monkeypatch,
+        launches,
+        lambda: emu.fused_mtp_heads(*args),
+        expected,
+        "fused_mtp_heads",
+        TOL[dtype].logprob,
+    )
+    # On tensor cores the heads' blocks and the unembedding make one launch more each (the split
+    # of the rows).
     assert count["9.0"] - count["7.5"] == (2 if d % 8 == 0 and dtype != F32 else 0)
 
 
@@ -381,14 +393,15 @@ def test_dense_product_on_tensor_cores_splits_the_depth(
     w = randn(300, 520, dtype=wdtype, seed=2, scale=0.05)
     b = randn(300, seed=3)
     expected = torch.ops.mtp_ext.small_batch_linear(x, w, b)
-    count = {}
-    for cc in ["9.0", "7.5"]:
-        monkeypatch.setenv("CUDA_EMU_CC", cc)
-        before = launches()
-        out = emu.small_batch_linear(x, w, b)
-        count[cc] = launches() - before
-        # float32 out: the split rows' 2^-17 relative error per term over 520 terms
-        compare(out, expected, f"small_batch_linear on {cc}", (1e-4, 1e-4))
+    # float32 out: the split rows' 2^-17 relative error per term over 520 terms
+    count = on_both_capabilities(
+        monkeypatch,
+        launches,
+        lambda: emu.small_batch_linear(x, w, b),
+        expected,
+        "small_batch_linear",
+        (1e-4, 1e-4),
+    )
     assert count["9.0"] - count["7.5"] == 2
 
 

@@ -18,6 +18,7 @@ from helpers import (
     assert_close,
     assert_equal_up_to_near_ties,
     assert_topk_equivalent,
+    heads_inputs,
     linear_tol,
     medusa_tree,
     rand,
@@ -237,15 +238,6 @@ def test_cuda_fused_mtp_heads_matches_cpu(seed):
 # writes the logits (on tensor cores for 16-bit lm_head from compute capability 8.0); otherwise
 # the logits are computed and ranked. Both against the CPU kernel.
 # ------------------------------------------------------------------------------------------------
-
-
-def heads_inputs(n, h, d, v, dtype, seed):
-    hidden = randn(n, d, dtype=dtype, seed=seed)
-    weight = randn(h, d, d, dtype=dtype, seed=seed + 1, scale=d**-0.5)
-    bias = randn(h, d, dtype=dtype, seed=seed + 2, scale=0.1)
-    lm_head = randn(v, d, dtype=dtype, seed=seed + 3, scale=0.5)
-    nw = (1 + randn(d, seed=seed + 4, scale=0.1)).to(dtype)
-    return hidden, weight, bias, lm_head, nw
 
 
 def check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw, vocab_ids=None):

@@ -87,12 +87,51 @@ struct MmaShape {
 };
 
 int rows_tile(int64_t rows) { return rows <= 16 ? 16 : rows <= 32 ? 32 : 64; }
+
+// f(std::integral_constant<int, RB>{}) for the rows tile rb (16, 32 or 64).
+template <typename F>
+auto with_rows_tile(int rb, F&& f) {
+  if (rb == 16) return f(std::integral_constant<int, 16>{});
+  if (rb == 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 64>{});
+}
+
 int blocks_per_sm(int rb) {
-  return rb == 16 ? MmaShape<16>::kMinBlocks
-                  : rb == 32 ? MmaShape<32>::kMinBlocks : MmaShape<64>::kMinBlocks;
+  return with_rows_tile(rb, [](auto tile) { return MmaShape<decltype(tile)::value>::kMinBlocks; });
 }
 int64_t padded_depth(int64_t depth) { return ceil_div(depth, kMDK) * kMDK; }
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Where split_rows_kernel's output lies in a workspace: hi [rows_pad, depth_pad] at 0, lo at
+// part_bytes, the scales [rows_pad] at scale_offset; `bytes` in all (16-byte aligned pieces).
+struct SplitLayout {
+  int rb;
+  int64_t rows_pad, depth_pad;
+  size_t part_bytes, scale_offset, bytes;
+};
+
+SplitLayout split_layout(int64_t rows, int64_t depth) {
+  SplitLayout l{};
+  l.rb = rows_tile(rows);
+  l.rows_pad = ceil_div(rows, l.rb) * l.rb;
+  l.depth_pad = padded_depth(depth);
+  l.part_bytes = align16(size_t(l.rows_pad * l.depth_pad) * 2);
+  l.scale_offset = 2 * l.part_bytes;
+  l.bytes = l.scale_offset + align16(size_t(l.rows_pad) * sizeof(float));
+  return l;
+}
+
+// The split rows in the workspace, per split_layout.
+template <typename T>
+struct SplitRows {
+  T* hi;
+  T* lo;
+  float* scale;
+  SplitRows(const SplitLayout& l, void* workspace)
+      : hi(static_cast<T*>(workspace)),
+        lo(reinterpret_cast<T*>(static_cast<uint8_t*>(workspace) + l.part_bytes)),
+        scale(reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + l.scale_offset)) {}
+};
 
 // Row r of a (block r), rows a_row_stride apart: scale[r] = 2^e with |a[r, d]| < 2^e for every d
 // (1 for a row of zeros, NaN or infinities), hi = a / 2^e rounded to T, lo = (a / 2^e - hi)
@@ -379,47 +418,40 @@ void launch_unembed(const float* z, int64_t rows, int64_t depth, const T* w, int
                     float* part_sum, uint32_t* cand_key, int32_t* cand_id, void* workspace,
                     cudaStream_t stream) {
   using S = MmaShape<RB>;
-  const int64_t depth_pad = padded_depth(depth);
-  T* hi = static_cast<T*>(workspace);
-  T* lo = hi + RB * depth_pad;
-  float* scale = reinterpret_cast<float*>(lo + RB * depth_pad);
-  split_rows_kernel<T><<<RB, kSplitThreads, 0, stream>>>(z, rows, depth, depth, depth_pad, hi, lo,
-                                                         scale);
+  const SplitLayout l = split_layout(rows, depth);  // rows <= 64: rows_pad == RB
+  const SplitRows<T> z2(l, workspace);
+  split_rows_kernel<T><<<RB, kSplitThreads, 0, stream>>>(z, rows, depth, depth, l.depth_pad, z2.hi,
+                                                         z2.lo, z2.scale);
   allow_smem(unembed_topk_partial_mma_kernel<T, RB>, S::kSmem);
   unembed_topk_partial_mma_kernel<T, RB>
       <<<static_cast<unsigned>(chunks), kUThreads, S::kSmem, stream>>>(
-          hi, lo, scale, rows, depth, depth_pad, w, w_row_stride, vocab, per_block, k, part_max,
-          part_sum, cand_key, cand_id);
+          z2.hi, z2.lo, z2.scale, rows, depth, l.depth_pad, w, w_row_stride, vocab, per_block, k,
+          part_max, part_sum, cand_key, cand_id);
 }
 
 // How a dense product is cut: rows in tiles of rb, the table in tiles of 256 rows, the depth in
 // splits of per_split stages when the tiles alone are too few for the device; and the workspace
-// (hi, lo, scales, then the splits' partial sums).
+// (the split rows, then the splits' partial sums).
 struct DotPlan {
-  int rb;
-  int64_t rows_pad, depth_pad, row_tiles, col_tiles, splits, per_split;
-  size_t part_bytes, scale_offset, partial_offset, workspace;
+  SplitLayout rows;
+  int64_t row_tiles, col_tiles, splits, per_split;
+  size_t workspace;
 };
 
 DotPlan plan_dot(int64_t rows, int64_t depth, int64_t table_rows, int64_t groups) {
   DotPlan p{};
-  p.rb = rows_tile(rows);
-  p.rows_pad = ceil_div(rows, p.rb) * p.rb;
-  p.depth_pad = padded_depth(depth);
-  p.row_tiles = p.rows_pad / p.rb;
+  p.rows = split_layout(rows, depth);
+  p.row_tiles = p.rows.rows_pad / p.rows.rb;
   p.col_tiles = ceil_div(table_rows, kMmaTile);
   const int64_t blocks = p.col_tiles * p.row_tiles * groups;
-  const int64_t target = static_cast<int64_t>(device_sms()) * blocks_per_sm(p.rb);
-  const int64_t stages = p.depth_pad / kMDK;
+  const int64_t target = static_cast<int64_t>(device_sms()) * blocks_per_sm(p.rows.rb);
+  const int64_t stages = p.rows.depth_pad / kMDK;
   int64_t splits = blocks >= target ? 1 : ceil_div(target, blocks);
   const int64_t max_splits = stages / kMinSplitStages > 1 ? stages / kMinSplitStages : 1;
   if (splits > max_splits) splits = max_splits;
   p.per_split = ceil_div(stages, splits);
   p.splits = ceil_div(stages, p.per_split);  // no empty split
-  p.part_bytes = align16(size_t(p.rows_pad * p.depth_pad) * 2);
-  p.scale_offset = 2 * p.part_bytes;
-  p.partial_offset = p.scale_offset + align16(size_t(p.rows_pad) * 4);
-  p.workspace = p.partial_offset +
+  p.workspace = p.rows.bytes +
                 (p.splits > 1 ? size_t(p.splits * groups * rows * table_rows) * sizeof(float) : 0);
   return p;
 }
@@ -430,18 +462,17 @@ void launch_dot(const DotPlan& p, const float* a, int64_t rows, int64_t depth,
                 int64_t w_row_stride, int64_t w_group_stride, float* out, int64_t out_row_stride,
                 int64_t out_group_stride, int64_t groups, void* workspace, cudaStream_t stream) {
   using S = MmaShape<RB>;
-  auto* base = static_cast<uint8_t*>(workspace);
-  T* hi = reinterpret_cast<T*>(base);
-  T* lo = reinterpret_cast<T*>(base + p.part_bytes);
-  float* scale = reinterpret_cast<float*>(base + p.scale_offset);
-  float* partial = p.splits > 1 ? reinterpret_cast<float*>(base + p.partial_offset) : nullptr;
-  split_rows_kernel<T><<<static_cast<unsigned>(p.rows_pad), kSplitThreads, 0, stream>>>(
-      a, rows, depth, a_row_stride, p.depth_pad, hi, lo, scale);
+  const SplitRows<T> a2(p.rows, workspace);
+  float* partial = p.splits > 1
+                       ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + p.rows.bytes)
+                       : nullptr;
+  split_rows_kernel<T><<<static_cast<unsigned>(p.rows.rows_pad), kSplitThreads, 0, stream>>>(
+      a, rows, depth, a_row_stride, p.rows.depth_pad, a2.hi, a2.lo, a2.scale);
   allow_smem(rows_dot_mma_kernel<T, RB>, S::kSmem);
   const dim3 grid(static_cast<unsigned>(p.col_tiles),
                   static_cast<unsigned>(p.row_tiles * p.splits), static_cast<unsigned>(groups));
   rows_dot_mma_kernel<T, RB><<<grid, kUThreads, S::kSmem, stream>>>(
-      hi, lo, scale, rows, p.rows_pad, depth, p.depth_pad, w, table_rows,
+      a2.hi, a2.lo, a2.scale, rows, p.rows.rows_pad, depth, p.rows.depth_pad, w, table_rows,
       w_row_stride, w_group_stride, p.per_split, out, out_row_stride, out_group_stride, partial);
   if (partial != nullptr) {
     const int64_t n = groups * rows * table_rows;
@@ -467,8 +498,7 @@ bool mma_available(DType dtype) { return dtype != DType::F32 && device_compute_m
 int unembed_mma_blocks_per_sm(int64_t rows) { return blocks_per_sm(rows_tile(rows)); }
 
 size_t unembed_mma_workspace(int64_t rows, int64_t depth) {
-  const size_t rb = static_cast<size_t>(rows_tile(rows));
-  return 2 * rb * static_cast<size_t>(padded_depth(depth)) * 2 + rb * sizeof(float);
+  return split_layout(rows, depth).bytes;
 }
 
 void launch_unembed_topk_partial_mma(const float* z, int64_t rows, int64_t depth, const void* w,
@@ -477,20 +507,13 @@ void launch_unembed_topk_partial_mma(const float* z, int64_t rows, int64_t depth
                                      float* part_sum, uint32_t* cand_key, int32_t* cand_id,
                                      void* workspace, cudaStream_t stream) {
   if (rows == 0 || vocab == 0) return;
-  const int rb = rows_tile(rows);
   dispatch16(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* wt = static_cast<const T*>(w);
-    if (rb == 16) {
-      launch_unembed<T, 16>(z, rows, depth, wt, w_row_stride, vocab, k, chunks, per_block,
-                            part_max, part_sum, cand_key, cand_id, workspace, stream);
-    } else if (rb == 32) {
-      launch_unembed<T, 32>(z, rows, depth, wt, w_row_stride, vocab, k, chunks, per_block,
-                            part_max, part_sum, cand_key, cand_id, workspace, stream);
-    } else {
-      launch_unembed<T, 64>(z, rows, depth, wt, w_row_stride, vocab, k, chunks, per_block,
-                            part_max, part_sum, cand_key, cand_id, workspace, stream);
-    }
+    with_rows_tile(rows_tile(rows), [&](auto tile) {
+      launch_unembed<T, decltype(tile)::value>(z, rows, depth, static_cast<const T*>(w),
+                                               w_row_stride, vocab, k, chunks, per_block, part_max,
+                                               part_sum, cand_key, cand_id, workspace, stream);
+    });
   });
 }
 
@@ -513,20 +536,12 @@ void launch_rows_dot_mma(const float* a, int64_t rows, int64_t depth, int64_t a_
   const DotPlan p = plan_dot(rows, depth, table_rows, groups);
   dispatch16(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* wt = static_cast<const T*>(w);
-    auto go = [&](auto rb_tag) {
-      constexpr int RB = decltype(rb_tag)::value;
-      launch_dot<T, RB>(p, a, rows, depth, a_row_stride, wt, table_rows,
-                        w_row_stride, w_group_stride, out, out_row_stride, out_group_stride,
-                        groups, workspace, stream);
-    };
-    if (p.rb == 16) {
-      go(std::integral_constant<int, 16>{});
-    } else if (p.rb == 32) {
-      go(std::integral_constant<int, 32>{});
-    } else {
-      go(std::integral_constant<int, 64>{});
-    }
+    with_rows_tile(p.rows.rb, [&](auto tile) {
+      launch_dot<T, decltype(tile)::value>(p, a, rows, depth, a_row_stride,
+                                           static_cast<const T*>(w), table_rows, w_row_stride,
+                                           w_group_stride, out, out_row_stride, out_group_stride,
+                                           groups, workspace, stream);
+    });
   });
 }
 
