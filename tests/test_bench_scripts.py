@@ -49,6 +49,17 @@ def test_cuda_ops_benchmark_dry_run(tmp_path):
     assert (tmp_path / "cuda_ops.md").read_text().count("\n|") >= len(rows)
 
 
+def test_marginal_one_read_dry_run(tmp_path):
+    """bench/marginal_one_read.py at small shapes, without the model: the emulated CUDA
+    topk_marginalize answers every row of random batches from one read, with the CPU kernel's ids."""
+    res = _run(["bench/marginal_one_read.py", "--small", "--no-model", "--out", str(tmp_path)],
+               tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
+    shapes = json.loads((tmp_path / "marginal_one_read.json").read_text())["shapes"]
+    assert shapes and all(r["every_row_one_read"] and r["ids_equal_cpu"] for r in shapes)
+    assert "| every row from one read |" in (tmp_path / "marginal_one_read.md").read_text()
+
+
 @pytest.mark.slow
 def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
     """The GPU run reads its prompts from bench/prompts/smollm2.json (the texts are not installed

@@ -281,6 +281,79 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
         )
 
 
+@pytest.fixture(scope="module")
+def launch_barriers(emu):
+    fn = ctypes.CDLL(str(BUILD / f"{NAME}.so")).cuda_emu_launch_barriers
+    fn.argtypes = [ctypes.c_uint64]
+    fn.restype = ctypes.c_uint64
+    return fn
+
+
+def marginal_second_pass_work(emu, launches, launch_barriers, x, w, m):
+    """topk_marginalize on the emulator: its outputs, checked against the CPU kernel, and the
+    barriers its second pass (the last two of its five launches) released: 0 when every batch row
+    was answered from the one read of the certified path."""
+    before = launches()
+    out = emu.topk_marginalize(x, w, m, True)
+    assert launches() - before == 5  # certify partial, plan, certify, second pass, merge
+    compare(out, torch.ops.mtp_ext.topk_marginalize(x, w, m, True), f"topk_marginalize m={m}")
+    return out, launch_barriers(before + 4) + launch_barriers(before + 5)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_topk_marginalize_answers_rows_from_one_read(
+    emu, schedule, launches, launch_barriers, dtype, m
+):
+    x = randn(3, 6, 5000, dtype=dtype, seed=21 + m, scale=4.0)
+    w = rand(3, 6, seed=22)
+    _, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+    assert work == 0
+    # A flat row ties at the m-th place: it takes the second pass, the others do not.
+    x[1] = 0.25
+    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+    assert work > 0
+    assert torch.equal(out[1][1], torch.arange(m))
+
+
+def test_topk_marginalize_bound_covers_the_warps_fifth_token(emu, launches, launch_barriers):
+    # Path 0's five best tokens lie in one warp's share of a chunk: the warp keeps four as
+    # candidates and its fifth bounds the rest of its share. Token 700 (another warp) is a
+    # candidate but only sixth: answering from the candidates would put it fifth.
+    x = randn(1, 3, 5000, dtype=F32, seed=23, scale=0.5) - 4.0
+    x[0, 0, 100:105] = torch.tensor([9.0, 8.9, 8.8, 8.7, 8.6])
+    x[0, 0, 700] = 8.5
+    w = torch.tensor([[1.0, 0.2, 0.2]])
+    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, 5)
+    assert out[1][0].tolist() == [100, 101, 102, 103, 104]
+    assert work > 0
+
+
+def test_topk_marginalize_exact_ties_at_the_mth_place(emu, launches, launch_barriers):
+    # Three tokens tie exactly; the candidates list them path by path (900, 100, 50), not by id.
+    # Ties go to the lower id: the second pass answers.
+    x = torch.full((1, 3, 3000), float("-inf"))
+    x[0, 0, 900] = x[0, 1, 100] = x[0, 2, 50] = 5.0
+    w = torch.ones(1, 3)
+    for m, expected in [(1, [50]), (2, [50, 100])]:
+        out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+        assert out[1][0].tolist() == expected
+        assert work > 0
+
+
+def test_topk_marginalize_bound_covers_tokens_past_each_paths_candidates(
+    emu, launches, launch_barriers
+):
+    # Token 300 is second on both paths (so no path keeps it for m = 1) but first in the marginal.
+    x = randn(1, 2, 5000, dtype=F32, seed=24, scale=0.5)
+    x[0, 0, 10], x[0, 0, 300] = 10.0, 9.9
+    x[0, 1, 600], x[0, 1, 300] = 10.0, 9.9
+    w = torch.tensor([[1.0, 1.0]])
+    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, 1)
+    assert out[1][0].tolist() == [300]
+    assert work > 0
+
+
 def heads_args(dtype, n, h, d, v, k, hidden_scale=1.0, lm_scale=0.4, norm=True):
     hidden, weight, bias, lm_head, nw = heads_inputs(
         n, h, d, v, dtype, 1, hidden_scale, lm_scale, norm

@@ -216,6 +216,34 @@ def test_cuda_topk_marginalize_matches_cpu(seed):
         assert_topk_equivalent(probs.cpu(), ids.cpu(), cpu_probs, cpu_ids, full, TOL[BF16].prob)
 
 
+def test_cuda_topk_marginalize_rows_on_both_paths():
+    # One batch whose rows take the one-read path (random) and the second pass: a flat row, five
+    # best tokens in one warp's share (the fifth bounds the rest), a token second on both paths
+    # but first in the marginal, exact ties at the m-th place, a NaN.
+    x = randn(7, 3, 20000, dtype=F32, seed=31, scale=0.5) - 4.0
+    x[0] = randn(3, 20000, dtype=F32, seed=32, scale=3.0)
+    x[1] = 0.25
+    x[2, 0, 100:105] = torch.tensor([9.0, 8.9, 8.8, 8.7, 8.6])
+    x[2, 0, 700] = 8.5
+    x[3, 0, 10], x[3, 0, 300], x[3, 1, 600], x[3, 1, 300] = 10.0, 9.9, 10.0, 9.9
+    x[4] = float("-inf")
+    x[4, 0, 900] = x[4, 1, 100] = x[4, 2, 50] = 5.0
+    x[5, 1, 17] = float("nan")
+    x[6] = randn(3, 20000, dtype=F32, seed=33, scale=3.0)
+    w = torch.ones(7, 3)
+    for m in (1, 2, 5, 16):
+        probs, ids = ops.topk_marginalize(x.cuda(), w.cuda(), m)
+        cpu_probs, cpu_ids = ops.topk_marginalize(x, w, m)
+        expected = {1: list(range(m)), 2: [100, 101, 102, 103, 104], 3: [300], 4: [50, 100, 900]}
+        for row, best in expected.items():  # exact answers, far from near-ties
+            assert ids[row, : len(best)].tolist() == best[:m]
+        finite = [0, 1, 2, 3, 4, 6]
+        full = ref64(ref.marginalize, x[finite], w[finite])
+        got, want = (probs[finite].cpu(), ids[finite].cpu()), (cpu_probs[finite], cpu_ids[finite])
+        assert_topk_equivalent(*got, *want, full, TOL[F32].prob)
+        compare((probs[5:6].cpu(), ids[5:6].cpu()), (cpu_probs[5:6], cpu_ids[5:6]), "NaN row")
+
+
 @pytest.mark.parametrize("seed", [3, 4])
 def test_cuda_fused_mtp_heads_matches_cpu(seed):
     make, fn = CASES["fused_mtp_heads"]
@@ -433,10 +461,12 @@ def test_large_marginalize():
     x, w = randn(64, 4, BIG_V, dtype=BF16, seed=23, scale=3.0), rand(64, 4, seed=24)
     out = ops.marginalize(x.cuda(), w.cuda())
     assert_close(out.cpu(), ops.marginalize(x, w), TOL[BF16].prob)
-    probs, ids = ops.topk_marginalize(x.cuda(), w.cuda(), 32)
-    cpu_probs, cpu_ids = ops.topk_marginalize(x, w, 32)
-    assert_topk_equivalent(probs.cpu(), ids.cpu(), cpu_probs, cpu_ids, ops.marginalize(x, w),
-                           TOL[BF16].prob)
+    for m in (8, 32):  # the one-read path, then the two passes
+        probs, ids = ops.topk_marginalize(x.cuda(), w.cuda(), m)
+        cpu_probs, cpu_ids = ops.topk_marginalize(x, w, m)
+        assert_topk_equivalent(
+            probs.cpu(), ids.cpu(), cpu_probs, cpu_ids, ops.marginalize(x, w), TOL[BF16].prob
+        )
 
 
 def test_large_fused_mtp_heads():

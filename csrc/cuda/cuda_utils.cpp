@@ -66,7 +66,7 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
                           reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
                           cand_id.const_data_ptr<int32_t>(), mode, scale, val,
                           out_id.data_ptr<int64_t>(),
-                          row_max.defined() ? row_max.data_ptr<float>() : nullptr, s);
+                          row_max.defined() ? row_max.data_ptr<float>() : nullptr, nullptr, s);
     MTP_EXT_CHECK_LAUNCH();
     return;
   }
@@ -140,7 +140,7 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
                         reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
                         cand_id.const_data_ptr<int32_t>(), mode, 1.0f,
                         mode == kc::TopkOut::None ? nullptr : out_val.data_ptr<float>(),
-                        out_id.data_ptr<int64_t>(), nullptr, s);
+                        out_id.data_ptr<int64_t>(), nullptr, nullptr, s);
   MTP_EXT_CHECK_LAUNCH();
   return true;
 }

@@ -21,10 +21,25 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, i
   return {probs, ids};
 }
 
-// Per-(b, l) coefficients w / sum_v exp(x - max) and row maxima: one statistics pass.
+// Per-(b, l) coefficients w / sum_v exp(x - max) and row maxima from [B * L, chunks] statistics.
+std::pair<at::Tensor, at::Tensor> plan_from_stats(const at::Tensor& part_max,
+                                                  const at::Tensor& part_sum,
+                                                  const at::Tensor& weights, bool renormalize) {
+  const int64_t b = weights.size(0), l = weights.size(1), chunks = part_max.size(1);
+  const at::Tensor w = weights.to(at::kFloat).contiguous();
+  at::Tensor coef = at::empty({b, l}, part_max.options());
+  at::Tensor row_max = at::empty({b, l}, part_max.options());
+  kc::launch_marginal_plan(b, l, chunks, part_max.const_data_ptr<float>(),
+                           part_sum.const_data_ptr<float>(), w.const_data_ptr<float>(), renormalize,
+                           coef.data_ptr<float>(), row_max.data_ptr<float>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+  return {coef, row_max};
+}
+
+// The same from a statistics pass over the logits.
 std::pair<at::Tensor, at::Tensor> plan_mixture(const at::Tensor& x, const at::Tensor& weights,
                                                bool renormalize) {
-  const int64_t b = x.size(0), l = x.size(1), vocab = x.size(2), rows = b * l;
+  const int64_t rows = x.size(0) * x.size(1), vocab = x.size(2);
   const int64_t chunks = kc::topk_chunks(vocab);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor part_max = at::empty({rows, chunks}, f32), part_sum = at::empty({rows, chunks}, f32);
@@ -32,13 +47,39 @@ std::pair<at::Tensor, at::Tensor> plan_mixture(const at::Tensor& x, const at::Te
                           1.0f, 0, part_max.data_ptr<float>(), part_sum.data_ptr<float>(), nullptr,
                           nullptr, stream());
   MTP_EXT_CHECK_LAUNCH();
-  const at::Tensor w = weights.to(at::kFloat).contiguous();
-  at::Tensor coef = at::empty({b, l}, f32), row_max = at::empty({b, l}, f32);
-  kc::launch_marginal_plan(b, l, chunks, part_max.const_data_ptr<float>(),
-                           part_sum.const_data_ptr<float>(), w.const_data_ptr<float>(), renormalize,
-                           coef.data_ptr<float>(), row_max.data_ptr<float>(), stream());
+  return plan_from_stats(part_max, part_sum, weights, renormalize);
+}
+
+// topk_marginalize's one-read path (cuda_launch.h): the statistics, the plan and the top m of
+// the rows whose answer the one read proves, written into probs/ids. Returns the plan and done[B]
+// (int32, 1 for the rows answered).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> answer_from_one_read(
+    const at::Tensor& next_logits, const at::Tensor& weights, int64_t m, bool renormalize,
+    int64_t chunk, at::Tensor& probs, at::Tensor& ids) {
+  const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
+  const int64_t chunks = kc::topk_chunks_of(vocab, chunk), cands = l * m;
+  const auto f32 = next_logits.options().dtype(at::kFloat);
+  const auto i32 = next_logits.options().dtype(at::kInt);
+  at::Tensor part_max = at::empty({b * l, chunks}, f32), part_sum = at::empty({b * l, chunks}, f32);
+  at::Tensor bound = at::empty({b, chunks, kc::kCertifyGroups, l}, i32);
+  at::Tensor cand_id = at::empty({b, chunks, cands}, i32);
+  at::Tensor cand_x = at::empty({b, chunks, cands, l}, next_logits.options());
+  kc::launch_marginal_certify_partial(
+      next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
+      batch_rows_layout(next_logits), chunk, static_cast<int>(m), part_max.data_ptr<float>(),
+      part_sum.data_ptr<float>(), reinterpret_cast<uint32_t*>(bound.data_ptr<int32_t>()),
+      cand_id.data_ptr<int32_t>(), cand_x.data_ptr(), stream());
   MTP_EXT_CHECK_LAUNCH();
-  return {coef, row_max};
+  const auto [coef, row_max] = plan_from_stats(part_max, part_sum, weights, renormalize);
+  at::Tensor done = at::empty({b}, i32);
+  kc::launch_marginal_certify(
+      storage_type(next_logits), b, l, chunks, static_cast<int>(m), coef.const_data_ptr<float>(),
+      row_max.const_data_ptr<float>(),
+      reinterpret_cast<const uint32_t*>(bound.const_data_ptr<int32_t>()),
+      cand_id.const_data_ptr<int32_t>(), cand_x.const_data_ptr(), probs.data_ptr<float>(),
+      ids.data_ptr<int64_t>(), done.data_ptr<int32_t>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+  return {coef, row_max, done};
 }
 
 at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bool renormalize) {
@@ -83,21 +124,32 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_
   TORCH_CHECK(vocab < (int64_t(1) << 31), op, ": vocabularies of 2^31 or more are not supported");
   const int64_t chunks = kc::topk_chunks(vocab);
   if (m <= kc::kTopkMaxK && chunks * m <= kc::kTopkMaxMerge) {
-    // The marginal of each chunk is computed on the fly and never written.
-    const auto [coef, row_max] = plan_mixture(next_logits, weights, renormalize);
-    at::Tensor cand_key = at::empty({b, chunks, m}, next_logits.options().dtype(at::kInt));
-    at::Tensor cand_id = at::empty({b, chunks, m}, next_logits.options().dtype(at::kInt));
+    // The marginal of each chunk is computed on the fly and never written. The one-read path
+    // answers the rows it can; the second pass reads the rest again.
+    const int64_t one_read_chunk = kc::marginal_certify_chunk(b, l, vocab, static_cast<int>(m));
+    at::Tensor coef, row_max, done;
+    if (one_read_chunk > 0) {
+      std::tie(coef, row_max, done) = answer_from_one_read(next_logits, weights, m, renormalize,
+                                                           one_read_chunk, probs, ids);
+    } else {
+      std::tie(coef, row_max) = plan_mixture(next_logits, weights, renormalize);
+    }
+    const auto i32 = next_logits.options().dtype(at::kInt);
+    const int32_t* skip = done.defined() ? done.const_data_ptr<int32_t>() : nullptr;
+    at::Tensor cand_key = at::empty({b, chunks, m}, i32);
+    at::Tensor cand_id = at::empty({b, chunks, m}, i32);
     kc::launch_marginal_topk_partial(
         next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
         batch_rows_layout(next_logits), coef.const_data_ptr<float>(),
-        row_max.const_data_ptr<float>(), static_cast<int>(m),
+        row_max.const_data_ptr<float>(), static_cast<int>(m), skip,
         reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(),
         stream());
     MTP_EXT_CHECK_LAUNCH();
     kc::launch_topk_merge(b, chunks, static_cast<int>(m), nullptr, nullptr,
                           reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
                           cand_id.const_data_ptr<int32_t>(), kc::TopkOut::Raw, 1.0f,
-                          probs.data_ptr<float>(), ids.data_ptr<int64_t>(), nullptr, stream());
+                          probs.data_ptr<float>(), ids.data_ptr<int64_t>(), nullptr, skip,
+                          stream());
     MTP_EXT_CHECK_LAUNCH();
     return {probs, ids};
   }

@@ -110,6 +110,8 @@ struct Block {
 
 Block* g_block = nullptr;
 uint64_t g_launches = 0;
+uint64_t g_barriers = 0;                 // block barriers released
+std::vector<uint64_t> g_launch_barriers;  // per launch (in launch order): barriers released
 cudaError_t g_last_error = cudaSuccess;
 std::unordered_map<const void*, size_t> g_static_shared;
 std::unordered_map<const void*, int> g_optin;
@@ -170,6 +172,7 @@ void release_barrier_if_complete(Block& b) {
   for (Lane& l : b.lanes)
     if (l.state == State::AtBarrier) l.state = State::Runnable;
   b.at_barrier = 0;
+  ++g_barriers;
 }
 
 void fiber_main() {
@@ -574,6 +577,8 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
         "cuda_emu: a launch while another one runs (from device code or another host thread); the "
         "emulator runs one launch at a time");
   ++g_launches;
+  const uint64_t barriers_before = g_barriers;
+  g_launch_barriers.resize(g_launches, 0);
   const std::string setting = schedule_setting();
   std::mt19937 rng(setting.rfind("random:", 0) == 0 ? std::stoul(setting.substr(7)) : 0u);
   // Dynamic shared memory starts 128-byte aligned (a GPU aligns it at least that much).
@@ -606,9 +611,18 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
     throw;
   }
   g_block = nullptr;
+  g_launch_barriers[g_launches - 1] = g_barriers - barriers_before;
 }
 
 }  // namespace cuda_emu
 
 // Launches run so far (for tests that check which code path an op took).
 extern "C" uint64_t cuda_emu_launches() { return cuda_emu::g_launches; }
+
+// The block barriers (__syncthreads) that launch number `launch` (1 for the first) released, over
+// all its blocks: a measure of the work its blocks did, for tests that check that a kernel's
+// blocks skipped theirs. 0 for a launch that has not run.
+extern "C" uint64_t cuda_emu_launch_barriers(uint64_t launch) {
+  const auto& log = cuda_emu::g_launch_barriers;
+  return launch >= 1 && launch <= log.size() ? log[launch - 1] : 0;
+}

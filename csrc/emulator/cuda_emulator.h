@@ -124,6 +124,10 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
+// Device code calls the classification functions unqualified (CUDA declares them globally).
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 // CUDA's min / max: integers compare, floating point ignores NaN (fminf / fmaxf).
 template <typename T>
 inline T min(T a, T b) {

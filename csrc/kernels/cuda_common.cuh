@@ -26,30 +26,47 @@ __device__ __forceinline__ float load_f(const bf16* p) {
   return __uint_as_float(uint32_t(__ldg(reinterpret_cast<const unsigned short*>(p))) << 16);
 }
 
-// Eight consecutive elements from a 16-byte aligned address (float: two 16-byte loads).
-__device__ __forceinline__ void load8(const float* p, float* out) {
-  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
-  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+// Eight consecutive elements as loaded from a 16-byte aligned address (float: two 16-byte loads),
+// not yet converted: a thread can hold several loads in flight in few registers.
+template <typename T>
+struct Raw8 {
+  uint4 v[sizeof(T) / 2];
+};
+template <typename T>
+__device__ __forceinline__ Raw8<T> load_raw8(const T* p) {
+  Raw8<T> r;
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 2); ++i)
+    r.v[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
 }
-__device__ __forceinline__ void load8(const f16* p, float* out) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float* out) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    out[4 * i] = __uint_as_float(r.v[i].x), out[4 * i + 1] = __uint_as_float(r.v[i].y);
+    out[4 * i + 2] = __uint_as_float(r.v[i].z), out[4 * i + 3] = __uint_as_float(r.v[i].w);
+  }
+}
+__device__ __forceinline__ void unpack8(const Raw8<f16>& r, float* out) {
+  const uint32_t w[4] = {r.v[0].x, r.v[0].y, r.v[0].z, r.v[0].w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
     out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
   }
 }
-__device__ __forceinline__ void load8(const bf16* p, float* out) {
-  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+__device__ __forceinline__ void unpack8(const Raw8<bf16>& r, float* out) {
+  const uint32_t w[4] = {r.v[0].x, r.v[0].y, r.v[0].z, r.v[0].w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = __uint_as_float(w[i] << 16);
     out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
+}
+// The same, converted to float.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* out) {
+  unpack8(load_raw8(p), out);
 }
 
 // Key whose unsigned order is the ranking of the values: NaN above every number (all NaN equal),
@@ -390,16 +407,30 @@ __device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t row) {
 // Calls f(i, x[i * stride]) (as float) for i in [0, n), the block's threads taking turns: eight
 // consecutive elements per 16-byte load where the row is contiguous and 16-byte aligned, then the
 // tail (or a strided row) one element at a time. Each thread sees its elements in ascending order.
+// A thread issues 64 bytes of loads (four groups of 16-bit values, two of float32) before it uses
+// the first, so that enough loads are in flight to cover the memory's latency with few blocks per
+// multiprocessor.
 template <int THREADS, typename T, typename F>
 __device__ __forceinline__ void block_for_each(const T* p, int n, int64_t stride, F&& f) {
+  constexpr int kLoads = static_cast<int>(8 / sizeof(T));
   int done = 0;
   if (stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0) {
     const int n8 = n / 8 * 8;
-    for (int i = threadIdx.x * 8; i < n8; i += THREADS * 8) {
-      float v[8];
-      load8(p + i, v);
+    for (int base = threadIdx.x * 8; base < n8; base += THREADS * 8 * kLoads) {
+      Raw8<T> raw[kLoads];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) f(i + j, v[j]);
+      for (int u = 0; u < kLoads; ++u)
+        if (base + u * THREADS * 8 < n8) raw[u] = load_raw8(p + base + u * THREADS * 8);
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int i = base + u * THREADS * 8;
+        if (i < n8) {
+          float v[8];
+          unpack8(raw[u], v);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) f(i + j, v[j]);
+        }
+      }
     }
     done = n8;
   }

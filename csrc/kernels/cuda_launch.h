@@ -35,6 +35,7 @@ constexpr int kTopkMaxK = 64;        // the partial/merge path serves 1 <= k <= 
 constexpr int kTopkMaxMerge = 8192;  // and rows with chunks * k <= kTopkMaxMerge
 
 inline int64_t topk_chunks(int64_t vocab) { return (vocab + kTopkChunk - 1) / kTopkChunk; }
+inline int64_t topk_chunks_of(int64_t vocab, int64_t chunk) { return (vocab + chunk - 1) / chunk; }
 
 // What the merge writes as values.
 enum class TopkOut : int {
@@ -55,10 +56,11 @@ void launch_topk_partial(const void* x, DType dtype, int64_t rows, int64_t vocab
 // Pass 2: merges [rows, chunks, k] candidates (and, unless part_max is null, the statistics) into
 // out_val[rows, k] (as `mode` says; may be null for None) and out_id[rows, k] (int64), best first.
 // row_max (optional, [rows]) receives each row's maximum ignoring NaN.
+// Rows with skip[row] != 0 (skip may be null) are left as they are.
 void launch_topk_merge(int64_t rows, int64_t chunks, int k, const float* part_max,
                        const float* part_sum, const uint32_t* cand_key, const int32_t* cand_id,
                        TopkOut mode, float scale, float* out_val, int64_t* out_id, float* row_max,
-                       cudaStream_t stream);
+                       const int32_t* skip, cudaStream_t stream);
 
 // Merges [rows, chunks] statistics into row_max[rows] and row_sum[rows] (scale as in pass 1).
 void launch_stats_merge(int64_t rows, int64_t chunks, const float* part_max, const float* part_sum,
@@ -88,12 +90,40 @@ void launch_marginalize(const void* x, DType dtype, int64_t batch, int64_t paths
                         RowLayout layout, const float* coef, const float* row_max, float* out,
                         cudaStream_t stream);
 
-// Pass 1 of topk_marginalize: the marginal of each chunk computed on the fly (never written), its
-// best m candidates into cand_key/cand_id [B, chunks, m]. Merge with TopkOut::Raw.
+// Second pass of topk_marginalize: the marginal of each chunk computed on the fly (never written),
+// its best m candidates into cand_key/cand_id [B, chunks, m]. Merge with TopkOut::Raw. Batch rows
+// with skip[b] != 0 (skip may be null) are left alone.
 void launch_marginal_topk_partial(const void* x, DType dtype, int64_t batch, int64_t paths,
                                   int64_t vocab, RowLayout layout, const float* coef,
-                                  const float* row_max, int m, uint32_t* cand_key,
-                                  int32_t* cand_id, cudaStream_t stream);
+                                  const float* row_max, int m, const int32_t* skip,
+                                  uint32_t* cand_key, int32_t* cand_id, cudaStream_t stream);
+
+// topk_marginalize from one read of the logits, for rows whose answer that read proves (see
+// topk_kernels.cu). The launcher runs, in order:
+//   1. launch_marginal_certify_partial: per chunk of `chunk` tokens, the statistics of every path
+//      (part_max/part_sum [B * L, chunks], as launch_topk_partial with scale 1), a bound per
+//      group of the chunk and path (bound [B, chunks, kCertifyGroups, L], ranking keys) and L * m
+//      candidates (cand_id [B, chunks, L * m], -1 for none; cand_x [B, chunks, L * m, L], their
+//      logits in the logits' dtype);
+//   2. launch_marginal_plan over those statistics;
+//   3. launch_marginal_certify: out_val/out_id [B, m] and done[B] (int32, 1 where written);
+//   4. the second pass (launch_marginal_topk_partial and launch_topk_merge) with skip = done.
+constexpr int kCertifyMaxPaths = 16;  // the certified path serves L <= 16
+constexpr int kCertifyMaxM = 16;      // and m <= 16
+constexpr int kCertifyMinChunk = 1024;
+constexpr int kCertifyGroups = 8;  // bound groups per chunk (one per warp of pass 1)
+
+// The chunk length for the certified path, 0 where it does not serve these sizes (then the
+// launcher takes the two passes directly).
+int64_t marginal_certify_chunk(int64_t batch, int64_t paths, int64_t vocab, int m);
+void launch_marginal_certify_partial(const void* x, DType dtype, int64_t batch, int64_t paths,
+                                     int64_t vocab, RowLayout layout, int64_t chunk, int m,
+                                     float* part_max, float* part_sum, uint32_t* bound,
+                                     int32_t* cand_id, void* cand_x, cudaStream_t stream);
+void launch_marginal_certify(DType dtype, int64_t batch, int64_t paths, int64_t chunks, int m,
+                             const float* coef, const float* row_max, const uint32_t* bound,
+                             const int32_t* cand_id, const void* cand_x, float* out_val,
+                             int64_t* out_id, int32_t* done, cudaStream_t stream);
 
 // ---- Decode-size unembedding with a running top-k (unembed_kernels.cu) --------------------------
 // logits[r, v] = z[r] . table[v] for at most kUnembedMaxRows float32 rows, streamed once over the

@@ -4,9 +4,13 @@
 // Pass 1 (one block per vocabulary chunk of one row): the chunk is read from device memory once,
 // converted to ranking keys in shared memory while its softmax statistics are accumulated, and
 // its k best keys are selected there (radix select). Pass 2 (one block per row) merges the
-// chunks' statistics and candidates. topk_marginalize computes the marginal of a chunk on the fly
-// in pass 1 (after a statistics pass over the logits) and never writes it.
+// chunks' statistics and candidates.
+//
+// topk_marginalize reads the logits once when it can prove its answer from that one read (the
+// certified path, below); rows it cannot prove take a second pass that computes the marginal of
+// each chunk on the fly from the row statistics. The [B, V] marginal is never written.
 #include "cuda_common.cuh"
+#include "mma_launch.h"  // device_sms
 
 namespace mtp_ext {
 namespace kernels {
@@ -41,7 +45,7 @@ __device__ __forceinline__ void select_chunk(PartialShared& sh, int n, int k, in
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) topk_partial_kernel(
+__global__ void __launch_bounds__(kThreads, 3) topk_partial_kernel(
     const T* __restrict__ x, int64_t rows, int64_t vocab, RowLayout layout, float scale, int k,
     float* __restrict__ part_max, float* __restrict__ part_sum, uint32_t* __restrict__ cand_key,
     int32_t* __restrict__ cand_id) {
@@ -71,12 +75,20 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(
   }
 }
 
-// The marginal over a chunk, computed on the fly, and its best m candidates.
+// acc + c * exp(v - mx) with one rounding of the product and sum: the second pass and the
+// certified path compute the marginal of a token with exactly these operations, in path order.
+__device__ __forceinline__ float marginal_term(float c, float v, float mx, float acc) {
+  return fmaf(c, expf(v - mx), acc);
+}
+
+// The marginal over a chunk, computed on the fly, and its best m candidates. Rows with
+// skip[b] != 0 (already answered by the certified path) are left alone.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) marginal_topk_partial_kernel(
+__global__ void __launch_bounds__(kThreads, 3) marginal_topk_partial_kernel(
     const T* __restrict__ x, int64_t batch, int64_t paths, int64_t vocab, RowLayout layout,
     const float* __restrict__ coef, const float* __restrict__ row_max, int m,
-    uint32_t* __restrict__ cand_key, int32_t* __restrict__ cand_id) {
+    const int32_t* __restrict__ skip, uint32_t* __restrict__ cand_key,
+    int32_t* __restrict__ cand_id) {
   __shared__ PartialShared sh;
   float* s_acc = reinterpret_cast<float*>(sh.keys);  // the marginal, then its keys in place
   const int64_t chunks = gridDim.x;
@@ -84,6 +96,7 @@ __global__ void __launch_bounds__(kThreads) marginal_topk_partial_kernel(
   const int64_t begin = chunk * kTopkChunk;
   const int n = static_cast<int>(vocab - begin < kTopkChunk ? vocab - begin : kTopkChunk);
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    if (skip != nullptr && skip[b] != 0) continue;  // the same for the whole block
     for (int i = threadIdx.x; i < n; i += kThreads) s_acc[i] = 0.0f;
     __syncthreads();
     for (int64_t l = 0; l < paths; ++l) {
@@ -93,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) marginal_topk_partial_kernel(
         const float mx = row_max[b * paths + l];
         const T* p = x + row_offset(layout, b * paths + l) + begin * layout.v_stride;
         block_for_each<kThreads>(p, n, layout.v_stride,
-                                 [&](int i, float v) { s_acc[i] += c * expf(v - mx); });
+                                 [&](int i, float v) { s_acc[i] = marginal_term(c, v, mx, s_acc[i]); });
       }
       __syncthreads();  // the next path may split the chunk between threads differently
     }
@@ -111,7 +124,7 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(
     int64_t rows, int64_t chunks, int k, const float* __restrict__ part_max,
     const float* __restrict__ part_sum, const uint32_t* __restrict__ cand_key,
     const int32_t* __restrict__ cand_id, TopkOut mode, float scale, float* __restrict__ out_val,
-    int64_t* __restrict__ out_id, float* __restrict__ row_max) {
+    int64_t* __restrict__ out_id, float* __restrict__ row_max, const int32_t* __restrict__ skip) {
   extern __shared__ uint32_t dyn[];
   __shared__ TopkShared sh;
   __shared__ uint32_t sel_key[kTopkMaxK];
@@ -121,6 +134,7 @@ __global__ void __launch_bounds__(kThreads) topk_merge_kernel(
   uint32_t* keys = dyn;
   int32_t* ids = reinterpret_cast<int32_t*>(dyn + n);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    if (skip != nullptr && skip[row] != 0) continue;  // the same for the whole block
     Stats st = stats_empty();
     if (part_max != nullptr) {
       for (int64_t c = threadIdx.x; c < chunks; c += kThreads)
@@ -243,6 +257,239 @@ __global__ void __launch_bounds__(kThreads) marginalize_kernel(
   }
 }
 
+// ---- topk_marginalize from one read of the logits (the certified path) -------------------------
+// Pass 1 (one block per chunk and batch row, all paths) reads the chunk once. For each path it
+// accumulates the chunk's softmax statistics (as topk_partial_kernel does) and keeps candidates:
+// each warp's four best tokens of the path, of which the path's best P (= m) in the chunk stay.
+// Each warp's share of the chunk (a group) gets a bound per path: every token of the group that
+// is not a candidate has a key at most the group's best key left out (its fifth best, or a best
+// four token past the path's P). The candidates' logits on every path are then gathered (the
+// chunk was just read: they come from L2), in the logits' own dtype. Pass 2 (one block per batch
+// row), once the row statistics give each path's coefficient c_l and maximum M_l, computes each
+// candidate's exact marginal q = sum_l c_l exp(x_l - M_l) (marginal_term, path order) and bounds
+// every other token by U_g = sum_l c_l exp(bound_l - M_l) of its group (q and U grow with each
+// x_l). When the m-th best candidate exceeds every U_g (with a margin for the rounding of exp) and
+// does not tie the (m+1)-th, the candidates' top m is the row's: pass 2 writes it and marks the
+// row done. Other rows (NaN or infinite values, ties at the m-th place, a flat marginal, more
+// than four of the best tokens in one group) are left to the second pass, which skips the rows
+// marked done and computes the same values.
+
+// A token as a ranking key and its id; better() is the order of the outputs.
+struct KeyId {
+  uint32_t key;
+  int32_t id;
+};
+__device__ __forceinline__ bool better(KeyId a, KeyId b) {
+  return a.key > b.key || (a.key == b.key && a.id < b.id);
+}
+__device__ __forceinline__ KeyId no_token() { return KeyId{0u, 0x7fffffff}; }
+
+// The best N of the tokens offered so far, best first.
+template <int N>
+struct BestN {
+  KeyId e[N];
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int j = 0; j < N; ++j) e[j] = no_token();
+  }
+  __device__ __forceinline__ void offer(KeyId x) {
+    if (!better(x, e[N - 1])) return;
+    // Insertion without branches on the position, so that e stays in registers: from the back,
+    // each entry takes its predecessor (x ranks above it), x (x ranks between) or stays.
+#pragma unroll
+    for (int j = N - 1; j > 0; --j) e[j] = better(x, e[j - 1]) ? e[j - 1] : (better(x, e[j]) ? x : e[j]);
+    if (better(x, e[0])) e[0] = x;
+  }
+};
+
+// The best N of the warp (every lane gets them): each round merges two disjoint halves.
+template <int N>
+__device__ __forceinline__ BestN<N> warp_best(BestN<N> t) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    KeyId p[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      p[j].key = __shfl_xor_sync(0xffffffffu, t.e[j].key, o);
+      p[j].id = __shfl_xor_sync(0xffffffffu, t.e[j].id, o);
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) t.offer(p[j]);
+  }
+  return t;
+}
+
+constexpr int kCertWarps = kThreads / kWarp;
+static_assert(kCertWarps == kCertifyGroups, "one bound group per warp");
+constexpr int kPerWarp = 4;                          // candidates per warp and path
+constexpr int kCertPerPath = kPerWarp * kCertWarps;  // warp candidates per path and chunk
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3) marginal_certify_partial_kernel(
+    const T* __restrict__ x, int64_t batch, int paths, int64_t vocab, RowLayout layout, int chunk,
+    int per_path, float* __restrict__ part_max, float* __restrict__ part_sum,
+    uint32_t* __restrict__ bound, int32_t* __restrict__ cand_id, T* __restrict__ cand_x) {
+  __shared__ uint32_t w_key[kCertifyMaxPaths * kCertPerPath];
+  __shared__ int32_t w_id[kCertifyMaxPaths * kCertPerPath];
+  __shared__ int32_t w_rank[kCertifyMaxPaths * kCertPerPath];
+  __shared__ uint32_t w_fifth[kCertifyMaxPaths * kCertWarps];
+  __shared__ int32_t cand[kCertifyMaxPaths * kCertifyMaxM];
+  __shared__ float scratch[2 * kThreads / kWarp];
+  const int64_t chunks = gridDim.x;
+  const int64_t c = blockIdx.x;
+  const int64_t begin = c * chunk;
+  const int n = static_cast<int>(vocab - begin < chunk ? vocab - begin : chunk);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int k_cands = paths * per_path;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    for (int l = 0; l < paths; ++l) {
+      const T* p = x + row_offset(layout, b * paths + l) + begin * layout.v_stride;
+      Stats st = stats_empty();
+      BestN<kPerWarp + 1> best;
+      best.clear();
+      block_for_each<kThreads>(p, n, layout.v_stride, [&](int i, float v) {
+        stats_add(st, v, 1.0f);
+        best.offer(KeyId{rank_key(v), static_cast<int32_t>(begin + i)});
+      });
+      st = block_stats<kThreads>(st, 1.0f, scratch);
+      if (threadIdx.x == 0) {
+        part_max[(b * paths + l) * chunks + c] = st.max;
+        part_sum[(b * paths + l) * chunks + c] = st.sum;
+      }
+      best = warp_best(best);
+      if (lane == 0) {
+#pragma unroll
+        for (int j = 0; j < kPerWarp; ++j) {
+          w_key[l * kCertPerPath + warp * kPerWarp + j] = best.e[j].key;
+          w_id[l * kCertPerPath + warp * kPerWarp + j] = best.e[j].id;
+        }
+        w_fifth[l * kCertWarps + warp] = best.e[kPerWarp].key;
+      }
+    }
+    __syncthreads();
+    // Each path's best P of its warp candidates (ranked in the output order; placeholders, all
+    // alike, by slot).
+    for (int e = threadIdx.x; e < paths * kCertPerPath; e += kThreads) {
+      const int l = e / kCertPerPath, j = e % kCertPerPath;
+      const KeyId me{w_key[e], w_id[e]};
+      int rank = 0;
+      for (int j2 = 0; j2 < kCertPerPath; ++j2) {
+        const KeyId other{w_key[l * kCertPerPath + j2], w_id[l * kCertPerPath + j2]};
+        rank += better(other, me) || (other.key == me.key && other.id == me.id && j2 < j);
+      }
+      w_rank[e] = rank;
+      if (rank < per_path) cand[l * per_path + rank] = me.key != 0u ? me.id : -1;
+    }
+    __syncthreads();
+    // The groups' bounds: the fifth best, or the best candidate of the group that did not stay.
+    for (int e = threadIdx.x; e < paths * kCertWarps; e += kThreads) {
+      const int l = e / kCertWarps, w = e % kCertWarps;
+      uint32_t key = w_fifth[e];
+      for (int j = 0; j < kPerWarp; ++j) {
+        const int slot = l * kCertPerPath + w * kPerWarp + j;
+        if (w_rank[slot] >= per_path && w_key[slot] > key) key = w_key[slot];
+      }
+      bound[((b * chunks + c) * kCertWarps + w) * paths + l] = key;
+    }
+    // Candidates named by several paths count once (the first); their logits on every path.
+    for (int e = threadIdx.x; e < k_cands; e += kThreads) {
+      int32_t id = cand[e];
+      for (int e2 = 0; id >= 0 && e2 < e; ++e2)
+        if (cand[e2] == id) id = -1;
+      const int64_t slot = (b * chunks + c) * k_cands + e;
+      cand_id[slot] = id;
+      for (int l = 0; l < paths; ++l)
+        cand_x[slot * paths + l] =
+            id >= 0 ? x[row_offset(layout, b * paths + l) + id * layout.v_stride] : T{};
+    }
+    __syncthreads();
+  }
+}
+
+// Pass 2 of the certified path: one block per batch row (see above). done[b] = 1 when the row's
+// top m is written to out_val / out_id, 0 when the second pass must find it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) marginal_certify_kernel(
+    int64_t batch, int paths, int64_t chunks, int per_path, int m, const float* __restrict__ coef,
+    const float* __restrict__ row_max, const uint32_t* __restrict__ bound,
+    const int32_t* __restrict__ cand_id, const T* __restrict__ cand_x,
+    float* __restrict__ out_val, int64_t* __restrict__ out_id, int32_t* __restrict__ done) {
+  extern __shared__ uint32_t dyn[];
+  __shared__ TopkShared sh;
+  __shared__ uint32_t sel_key[kTopkMaxK];
+  __shared__ int32_t sel_index[kTopkMaxK];
+  __shared__ uint32_t top_key[kCertifyMaxM + 1];
+  __shared__ int32_t top_id[kCertifyMaxM + 1];
+  __shared__ float s_coef[kCertifyMaxPaths], s_max[kCertifyMaxPaths];
+  __shared__ float scratch[kThreads / kWarp];
+  __shared__ int iscratch[kThreads / kWarp];
+  const int64_t k_cands = static_cast<int64_t>(paths) * per_path;
+  const int n = static_cast<int>(chunks * k_cands);
+  const int64_t groups = chunks * kCertWarps;
+  uint32_t* keys = dyn;
+  int32_t* ids = reinterpret_cast<int32_t*>(dyn + n);
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    for (int l = threadIdx.x; l < paths; l += kThreads) {
+      s_coef[l] = coef[b * paths + l];
+      s_max[l] = row_max[b * paths + l];
+    }
+    __syncthreads();
+    // The bounds hold only for coefficients >= 0 (weights are, unless their check was skipped).
+    int bad = 0;
+    for (int l = 0; l < paths; ++l) bad |= !(s_coef[l] >= 0.0f);
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const int32_t id = cand_id[b * n + i];
+      if (id < 0) {
+        keys[i] = 0u;  // below every value
+        ids[i] = 0x7fffffff;
+        continue;
+      }
+      float q = 0.0f;
+      for (int l = 0; l < paths; ++l)
+        if (s_coef[l] != 0.0f)
+          q = marginal_term(s_coef[l], load_f(cand_x + (b * n + i) * paths + l), s_max[l], q);
+      bad |= !isfinite(q);
+      keys[i] = rank_key(q);
+      ids[i] = id;
+    }
+    float u_max = 0.0f;
+    for (int64_t g = threadIdx.x; g < groups; g += kThreads) {
+      float u = 0.0f;
+      for (int l = 0; l < paths; ++l) {
+        const uint32_t key = bound[(b * groups + g) * paths + l];
+        if (s_coef[l] != 0.0f && key != 0u) u = marginal_term(s_coef[l], key_value(key), s_max[l], u);
+      }
+      bad |= !isfinite(u);
+      u_max = fmaxf(u_max, u);
+    }
+    bad = block_sum<kThreads>(bad, iscratch);
+    u_max = block_max<kThreads>(u_max, scratch);
+    const int kk = m + 1 < n ? m + 1 : n;
+    block_topk<kThreads>(
+        keys, n, kk, [&](int32_t i) { return static_cast<int64_t>(ids[i]); }, sel_key, sel_index,
+        sh, [&](int rank, uint32_t key, int32_t index) {
+          top_key[rank] = key;
+          top_id[rank] = ids[index];
+        });
+    if (threadIdx.x == 0) {
+      // The m-th candidate must be a real token, not tie the next one, and beat every bound by
+      // more than the few units in the last place that exp and the sum may be off by.
+      const float tau = key_value(top_key[m - 1]);
+      const bool ok = bad == 0 && top_key[m - 1] != 0u &&
+                      (kk == m || top_key[m] < top_key[m - 1]) &&
+                      tau > u_max * (1.0f + 1e-5f) + 1e-30f;
+      done[b] = ok ? 1 : 0;
+      if (ok) {
+        for (int r = 0; r < m; ++r) {
+          out_val[b * m + r] = key_value(top_key[r]);
+          out_id[b * m + r] = top_id[r];
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
 unsigned grid_y(int64_t rows) {
   return static_cast<unsigned>(rows < kMaxGridY ? (rows > 0 ? rows : 1) : kMaxGridY);
 }
@@ -265,7 +512,7 @@ void launch_topk_partial(const void* x, DType dtype, int64_t rows, int64_t vocab
 void launch_topk_merge(int64_t rows, int64_t chunks, int k, const float* part_max,
                        const float* part_sum, const uint32_t* cand_key, const int32_t* cand_id,
                        TopkOut mode, float scale, float* out_val, int64_t* out_id, float* row_max,
-                       cudaStream_t stream) {
+                       const int32_t* skip, cudaStream_t stream) {
   if (rows == 0) return;
   const size_t smem = static_cast<size_t>(chunks * k) * (sizeof(uint32_t) + sizeof(int32_t));
   // Without the opt-in, static plus dynamic shared memory must fit in 48 KB; the kernel's own
@@ -282,7 +529,7 @@ void launch_topk_merge(int64_t rows, int64_t chunks, int k, const float* part_ma
   const unsigned grid = static_cast<unsigned>(rows < 65535 * 16 ? rows : 65535 * 16);
   topk_merge_kernel<<<grid, kThreads, smem, stream>>>(rows, chunks, k, part_max, part_sum,
                                                       cand_key, cand_id, mode, scale, out_val,
-                                                      out_id, row_max);
+                                                      out_id, row_max, skip);
 }
 
 void launch_stats_merge(int64_t rows, int64_t chunks, const float* part_max, const float* part_sum,
@@ -338,15 +585,69 @@ void launch_marginalize(const void* x, DType dtype, int64_t batch, int64_t paths
 
 void launch_marginal_topk_partial(const void* x, DType dtype, int64_t batch, int64_t paths,
                                   int64_t vocab, RowLayout layout, const float* coef,
-                                  const float* row_max, int m, uint32_t* cand_key,
-                                  int32_t* cand_id, cudaStream_t stream) {
+                                  const float* row_max, int m, const int32_t* skip,
+                                  uint32_t* cand_key, int32_t* cand_id, cudaStream_t stream) {
   if (batch == 0 || vocab == 0) return;
   const dim3 grid(static_cast<unsigned>(topk_chunks(vocab)), grid_y(batch));
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     marginal_topk_partial_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), batch, paths, vocab, layout, coef, row_max, m, cand_key,
+        static_cast<const T*>(x), batch, paths, vocab, layout, coef, row_max, m, skip, cand_key,
         cand_id);
+  });
+}
+
+int64_t marginal_certify_chunk(int64_t batch, int64_t paths, int64_t vocab, int m) {
+  if (paths < 1 || paths > kCertifyMaxPaths || m < 1 || m > kCertifyMaxM || vocab < 1) return 0;
+  // The largest chunk whose candidates fit the merge; smaller ones while the grid is short of two
+  // blocks per multiprocessor (pass 1 takes all paths of a chunk in one block).
+  const auto cands = [&](int64_t chunk) { return topk_chunks_of(vocab, chunk) * paths * m; };
+  int64_t chunk = kTopkChunk;
+  while (chunk > kCertifyMinChunk && cands(chunk) > kTopkMaxMerge) chunk /= 2;
+  if (cands(chunk) > kTopkMaxMerge) return 0;
+  const int64_t target = 2 * static_cast<int64_t>(device_sms());
+  while (chunk > kCertifyMinChunk && batch * topk_chunks_of(vocab, chunk) < target &&
+         cands(chunk / 2) <= kTopkMaxMerge)
+    chunk /= 2;
+  return chunk;
+}
+
+void launch_marginal_certify_partial(const void* x, DType dtype, int64_t batch, int64_t paths,
+                                     int64_t vocab, RowLayout layout, int64_t chunk, int m,
+                                     float* part_max, float* part_sum, uint32_t* bound,
+                                     int32_t* cand_id, void* cand_x, cudaStream_t stream) {
+  if (batch == 0 || vocab == 0) return;
+  const dim3 grid(static_cast<unsigned>(topk_chunks_of(vocab, chunk)), grid_y(batch));
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    marginal_certify_partial_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(x), batch, static_cast<int>(paths), vocab, layout,
+        static_cast<int>(chunk), m, part_max, part_sum, bound, cand_id, static_cast<T*>(cand_x));
+  });
+}
+
+void launch_marginal_certify(DType dtype, int64_t batch, int64_t paths, int64_t chunks, int m,
+                             const float* coef, const float* row_max, const uint32_t* bound,
+                             const int32_t* cand_id, const void* cand_x, float* out_val,
+                             int64_t* out_id, int32_t* done, cudaStream_t stream) {
+  if (batch == 0) return;
+  const size_t smem = static_cast<size_t>(chunks * paths * m) * (sizeof(uint32_t) + sizeof(int32_t));
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    static const size_t static_smem = [] {
+      cudaFuncAttributes attr{};
+      return cudaFuncGetAttributes(&attr, marginal_certify_kernel<T>) == cudaSuccess
+                 ? attr.sharedSizeBytes
+                 : size_t{4096};
+    }();
+    if (smem + static_smem > 48 * 1024) {
+      cudaFuncSetAttribute(marginal_certify_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem));
+    }
+    const unsigned grid = static_cast<unsigned>(batch < 65535 * 16 ? batch : 65535 * 16);
+    marginal_certify_kernel<T><<<grid, kThreads, smem, stream>>>(
+        batch, static_cast<int>(paths), chunks, m, m, coef, row_max, bound, cand_id,
+        static_cast<const T*>(cand_x), out_val, out_id, done);
   });
 }
 
