@@ -115,6 +115,18 @@ def marginalize_cases(dev, small):
                    nbytes(x, w) + b * v * 4)
         yield Case("topk_marginalize", shape + f" m={m}", (x, w, m), ops.topk_marginalize,
                    ref.topk_marginalize, check_topk, nbytes(x, w) + b * m * 12)
+        if (b, l, v, m) == shapes[0]:
+            # Equal logits tie at every place: no row is answered from the one read, every row
+            # takes the second pass (the worst case of the CUDA kernel).
+            flat = torch.zeros_like(x)
+            flat_full = ref.marginalize(flat, w)
+
+            def check_flat(out, exp, full=flat_full):
+                assert_topk_equivalent(out[0], out[1], exp[0], full, "topk_marginalize (flat)")
+
+            yield Case("topk_marginalize", shape + f" m={m} flat: every row read twice",
+                       (flat, w, m), ops.topk_marginalize, ref.topk_marginalize, check_flat,
+                       nbytes(flat, w) + b * m * 12)
 
 
 def heads_cases(dev, small):
