@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cuda_emulator import BUILD, NAME, load
+from cuda_emulator import counter, load
 from cuda_ops import rand, randn
 
 import mtp_ext  # noqa: F401  (the CPU kernels, for the comparison)
@@ -51,12 +50,8 @@ class Emulated:
 
     def __init__(self) -> None:
         self.ops = load()
-        lib = ctypes.CDLL(str(BUILD / f"{NAME}.so"))
-        self._launches = lib.cuda_emu_launches
-        self._launches.restype = ctypes.c_uint64
-        self._barriers = lib.cuda_emu_launch_barriers
-        self._barriers.argtypes = [ctypes.c_uint64]
-        self._barriers.restype = ctypes.c_uint64
+        self._launches = counter("launches")
+        self._barriers = counter("launch_barriers")
 
     def topk_marginalize(self, x, w, m) -> tuple[torch.Tensor, bool]:
         """Returns the ids ``[B, m]`` and whether no row needed the second pass."""

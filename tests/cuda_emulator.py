@@ -11,11 +11,13 @@ use small shapes.
 ``load()`` builds once into ``build/cuda_emulator`` (or ``$MTP_EXT_EMULATOR_BUILD``; ninja keeps it
 between runs) and returns the ``torch.ops.mtp_ext_emu`` namespace. ``CUDA_EMU_SCHEDULE``
 (``forward``, ``reverse``, ``random:<seed>``) orders the threads' turns; ``CUDA_EMU_SMS`` sets the
-device's multiprocessor count (default 132).
+device's multiprocessor count (default 132), ``CUDA_EMU_SMEM_PER_SM`` its shared memory per
+multiprocessor (default 233472 bytes) and ``CUDA_EMU_CC`` its compute capability (default 9.0).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -140,6 +142,17 @@ def sources() -> list[str]:
         _write_if_changed(target, f'#include "registration.h"\n#include "{cpp}"\n')
         out.append(str(target))
     return out
+
+
+def counter(name: str):
+    """One of the built emulator's counters (call ``load()`` first): ``"launches"`` gives
+    ``f()``, the launches so far; ``"launch_blocks"`` and ``"launch_barriers"`` give ``f(n)``, the
+    blocks of launch number ``n`` (1 for the first) and the block barriers they released."""
+    fn = getattr(ctypes.CDLL(str(BUILD / f"{NAME}.so")), f"cuda_emu_{name}")
+    if name != "launches":
+        fn.argtypes = [ctypes.c_uint64]
+    fn.restype = ctypes.c_uint64
+    return fn
 
 
 def load(verbose: bool = False):

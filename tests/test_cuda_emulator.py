@@ -21,7 +21,7 @@ import ctypes
 
 import pytest
 import torch
-from cuda_emulator import BUILD, NAME, load
+from cuda_emulator import BUILD, NAME, counter, load
 from helpers import TOL, assert_same_outputs, heads_inputs, medusa_tree, rand, randn, verify_inputs
 
 from mtp_ext import ops
@@ -212,9 +212,7 @@ def test_schedule_order_exposes_a_missing_barrier(selftest, monkeypatch):
 
 @pytest.fixture(scope="module")
 def launches(emu):
-    fn = ctypes.CDLL(str(BUILD / f"{NAME}.so")).cuda_emu_launches
-    fn.restype = ctypes.c_uint64
-    return fn
+    return counter("launches")
 
 
 def test_routing_runs_the_cuda_path_until_destroyed(emu, launches):
@@ -283,10 +281,12 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
 
 @pytest.fixture(scope="module")
 def launch_barriers(emu):
-    fn = ctypes.CDLL(str(BUILD / f"{NAME}.so")).cuda_emu_launch_barriers
-    fn.argtypes = [ctypes.c_uint64]
-    fn.restype = ctypes.c_uint64
-    return fn
+    return counter("launch_barriers")
+
+
+@pytest.fixture(scope="module")
+def launch_blocks(emu):
+    return counter("launch_blocks")
 
 
 def marginal_second_pass_work(emu, launches, launch_barriers, x, w, m):
@@ -401,6 +401,26 @@ def test_fused_mtp_heads(emu, schedule, monkeypatch, launches, dtype, n, h, d, v
     # On tensor cores the heads' blocks and the unembedding make one launch more each (the split
     # of the rows).
     assert count["9.0"] - count["7.5"] == (2 if d % 8 == 0 and dtype != F32 else 0)
+
+
+def test_tensor_core_grid_follows_the_shared_memory_per_sm(
+    emu, monkeypatch, launches, launch_blocks
+):
+    # 16-row tiles take 85 KB of shared memory: two blocks per SM on an H100 or H200 (228 KB),
+    # one on an A100 (164 KB). The unembedding's grid is sized from that; the answer is not.
+    args = heads_args(BF16, 4, 4, 64, 4096, 8)
+    expected = torch.ops.mtp_ext.fused_mtp_heads(*args)
+    monkeypatch.setenv("CUDA_EMU_SMS", "4")
+    grids = {}
+    for name, smem in [("H100", "233472"), ("A100", "167936")]:
+        monkeypatch.setenv("CUDA_EMU_SMEM_PER_SM", smem)
+        before = launches()
+        compare(
+            emu.fused_mtp_heads(*args), expected, f"fused_mtp_heads ({name})", TOL[BF16].logprob
+        )
+        grids[name] = [launch_blocks(i) for i in range(before + 1, launches() + 1)]
+    changed = [(h, a) for h, a in zip(grids["H100"], grids["A100"]) if h != a]
+    assert changed == [(8, 4)], grids  # 4 SMs x 2 blocks, then 4 SMs x 1
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])

@@ -112,6 +112,7 @@ Block* g_block = nullptr;
 uint64_t g_launches = 0;
 uint64_t g_barriers = 0;                 // block barriers released
 std::vector<uint64_t> g_launch_barriers;  // per launch (in launch order): barriers released
+std::vector<uint64_t> g_launch_blocks;    // and blocks
 cudaError_t g_last_error = cudaSuccess;
 std::unordered_map<const void*, size_t> g_static_shared;
 std::unordered_map<const void*, int> g_optin;
@@ -355,6 +356,11 @@ int device_attribute(cudaDeviceAttr attr) {
       return static_cast<int>(kDefaultSmem);
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       return static_cast<int>(kMaxOptinSmem);
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: {
+      const char* s = std::getenv("CUDA_EMU_SMEM_PER_SM");
+      const int bytes = s == nullptr ? 233472 : std::atoi(s);
+      return bytes > 0 ? bytes : 233472;
+    }
   }
   return 0;
 }
@@ -579,6 +585,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   ++g_launches;
   const uint64_t barriers_before = g_barriers;
   g_launch_barriers.resize(g_launches, 0);
+  g_launch_blocks.resize(g_launches, 0);
   const std::string setting = schedule_setting();
   std::mt19937 rng(setting.rfind("random:", 0) == 0 ? std::stoul(setting.substr(7)) : 0u);
   // Dynamic shared memory starts 128-byte aligned (a GPU aligns it at least that much).
@@ -612,6 +619,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
   }
   g_block = nullptr;
   g_launch_barriers[g_launches - 1] = g_barriers - barriers_before;
+  g_launch_blocks[g_launches - 1] = blocks;
 }
 
 }  // namespace cuda_emu
@@ -624,5 +632,11 @@ extern "C" uint64_t cuda_emu_launches() { return cuda_emu::g_launches; }
 // blocks skipped theirs. 0 for a launch that has not run.
 extern "C" uint64_t cuda_emu_launch_barriers(uint64_t launch) {
   const auto& log = cuda_emu::g_launch_barriers;
+  return launch >= 1 && launch <= log.size() ? log[launch - 1] : 0;
+}
+
+// The blocks of launch number `launch` (its grid's size; 0 for a launch that has not run).
+extern "C" uint64_t cuda_emu_launch_blocks(uint64_t launch) {
+  const auto& log = cuda_emu::g_launch_blocks;
   return launch >= 1 && launch <= log.size() ? log[launch - 1] : 0;
 }

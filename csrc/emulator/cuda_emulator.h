@@ -30,7 +30,8 @@
 // count as arrived at __syncthreads, as on current GPUs. __ldg checks its address's alignment.
 //
 // The device: CUDA_EMU_SMS streaming multiprocessors (default 132, an H200), 227 KB of opt-in
-// shared memory per block. Launches run synchronously, one at a time (the emulator's state is
+// shared memory per block, CUDA_EMU_SMEM_PER_SM bytes of shared memory per multiprocessor (default
+// 233472, an H100 / H200; an A100 has 167936), which only the kernels' grid sizing reads. Launches run synchronously, one at a time (the emulator's state is
 // global: call it from one host thread at a time); streams are ignored.
 #pragma once
 
@@ -162,6 +163,7 @@ enum cudaDeviceAttr : int {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 

@@ -76,8 +76,9 @@ struct MmaShape {
                                            ? size_t(RB) * kFoldLd * sizeof(float)
                                            : sizeof(FinalRanking);
   static constexpr size_t kSmem = kMStages * kStageBytes + kFoldBytes;
-  // Blocks per SM that shared memory allows (85 KB for 16 rows, 108 KB for 32, 155 KB for 64, of
-  // 228 KB per SM on sm_90), which registers must allow too.
+  // Blocks per SM that shared memory allows on sm_90 (85 KB for 16 rows, 108 KB for 32, 155 KB
+  // for 64, of 228 KB per SM), which registers must allow too. Devices with less shared memory
+  // fit fewer (an A100's 164 KB: one of any): blocks_per_sm.
   static constexpr int kMinBlocks = RB <= 32 ? 2 : 1;
   // Per stage and thread: 16-byte copies of the table and of hi and lo.
   static constexpr int WQ = kMmaTile * kMDK / 8 / kUThreads;
@@ -96,8 +97,17 @@ auto with_rows_tile(int rb, F&& f) {
   return f(std::integral_constant<int, 64>{});
 }
 
+// Resident blocks per SM of the tensor-core kernels for the rows tile rb on the current device:
+// as many as the registers allow (kMinBlocks) and its shared memory holds, each block with the
+// 1 KB the system reserves.
 int blocks_per_sm(int rb) {
-  return with_rows_tile(rb, [](auto tile) { return MmaShape<decltype(tile)::value>::kMinBlocks; });
+  return with_rows_tile(rb, [](auto tile) {
+    using Shape = MmaShape<decltype(tile)::value>;
+    const int per_sm = device_smem_per_sm();
+    if (per_sm <= 0) return Shape::kMinBlocks;
+    const int fit = static_cast<int>(per_sm / (Shape::kSmem + 1024));
+    return fit < 1 ? 1 : fit < Shape::kMinBlocks ? fit : Shape::kMinBlocks;
+  });
 }
 int64_t padded_depth(int64_t depth) { return ceil_div(depth, kMDK) * kMDK; }
 size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }

@@ -226,6 +226,17 @@ int device_sms() {
   return sms;
 }
 
+int device_smem_per_sm() {
+  int device = 0, bytes = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return bytes;
+}
+
 int device_compute_major() {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
