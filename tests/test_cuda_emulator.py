@@ -101,6 +101,7 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("wmma_half_warp", "has exited"),
         ("wmma_misaligned", "not 32-byte aligned"),
         ("async_copy_misaligned", "not aligned to its size"),
+        ("async_copy_to_global", "outside the block's shared memory"),
     ],
 )
 def test_faults_are_reported(selftest, case, expected):

@@ -104,6 +104,7 @@ struct Block {
   const void* kernel = nullptr;
   size_t dynamic_bytes = 0, static_bytes = 0;
   std::vector<const void*> statics;
+  std::vector<size_t> static_sizes;  // bytes of each of statics
   // Per warp: the scratch buffer of the matrix operations.
   std::vector<std::vector<unsigned char>> warp_scratch;
 };
@@ -385,6 +386,7 @@ void note_shared(void* variable, size_t bytes) {
   current_lane();
   if (std::find(b.statics.begin(), b.statics.end(), variable) != b.statics.end()) return;
   b.statics.push_back(variable);
+  b.static_sizes.push_back(bytes);
   std::memset(variable, 0xff, bytes);  // as uninitialized as shared memory is
   b.static_bytes += bytes;
   const bool opted_in = g_optin.count(b.kernel) != 0;
@@ -431,8 +433,24 @@ void* warp_scratch(size_t bytes) {
   return buffer.data();
 }
 
+// Whether [p, p + size) lies in the block's shared memory (dynamic, or a static variable).
+bool in_shared(const void* p, size_t size) {
+  const Block& b = *g_block;
+  const auto inside = [&](const void* base, size_t bytes) {
+    const auto* lo = static_cast<const unsigned char*>(base);
+    const auto* q = static_cast<const unsigned char*>(p);
+    return base != nullptr && q >= lo && q + size <= lo + bytes;
+  };
+  if (inside(b.dynamic, b.dynamic_bytes)) return true;
+  for (size_t i = 0; i < b.statics.size(); ++i)
+    if (inside(b.statics[i], b.static_sizes[i])) return true;
+  return false;
+}
+
 void async_copy(void* dst, const void* src, size_t size, size_t zfill) {
   Lane& l = current_lane();
+  if (!in_shared(dst, size))
+    fault_here("an asynchronous copy to an address outside the block's shared memory");
   if (size != 4 && size != 8 && size != 16)
     fault_here("an asynchronous copy of " + std::to_string(size) + " bytes (4, 8 or 16)");
   if (zfill > size) fault_here("an asynchronous copy whose zero fill exceeds its size");
@@ -609,6 +627,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
                       static_cast<unsigned>(linear / (uint64_t(g.x) * g.y))};
       std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
       b.statics.clear();
+      b.static_sizes.clear();
       b.static_bytes = 0;
       run_block(b, g, k, idx, setting, rng);
       if (!b.fault.empty()) throw std::runtime_error("cuda_emu: " + b.fault);

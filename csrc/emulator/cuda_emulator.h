@@ -256,7 +256,9 @@ void* warp_scratch(size_t bytes);
 // Asynchronous copies to shared memory (cuda_pipeline.h). A copy is queued in the calling thread's
 // open batch, reading its source at once; a commit closes the batch; wait_prior(n) writes the
 // destinations of all committed batches but the n most recent. So shared memory read before the
-// wait that covers it shows the old (poisoned) bytes, as it may on a GPU.
+// wait that covers it shows the old (poisoned) bytes, as it may on a GPU. A copy whose size is not
+// 4, 8 or 16 bytes, whose addresses are not aligned to it, or whose destination is not in the
+// block's shared memory is a fault.
 void async_copy(void* dst, const void* src, size_t size, size_t zfill);
 void async_commit();
 void async_wait_prior(size_t prior);

@@ -139,6 +139,14 @@ __global__ void async_copy_kernel(const int* in, int* out, int wait) {
   for (int i = 0; i < 4; ++i) out[4 * t + i] = staged[4 * (31 - t) + i];
 }
 
+// An asynchronous copy whose destination is global memory (out), not shared memory.
+__global__ void async_copy_to_global_kernel(const int* in, int* out) {
+  const int t = threadIdx.x;
+  __pipeline_memcpy_async(out + 4 * t, in + 4 * t, 16, 0);
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
+}
+
 // ints[i] (float32 bits) -> the float16 bits of mtp_ext::kernels::to_f16, for 512 values.
 __global__ void to_f16_kernel(int* ints) {
   for (int i = threadIdx.x; i < 512; i += blockDim.x)
@@ -200,6 +208,8 @@ std::string run(const char* name, int* ints) {
     async_copy_kernel<<<1, 32>>>(ints, ints + 128, 0);
   } else if (std::strcmp(name, "async_copy_misaligned") == 0) {
     async_copy_kernel<<<1, 32>>>(ints + 1, ints + 128, 1);
+  } else if (std::strcmp(name, "async_copy_to_global") == 0) {
+    async_copy_to_global_kernel<<<1, 32>>>(ints, ints + 128);
   } else if (std::strcmp(name, "to_f16") == 0) {
     to_f16_kernel<<<1, 64>>>(ints);
   } else if (std::strcmp(name, "block_too_large") == 0) {
