@@ -18,6 +18,7 @@ them that way too).
 from __future__ import annotations
 
 import ctypes
+import random
 
 import pytest
 import torch
@@ -328,6 +329,66 @@ def test_topk_marginalize_bound_covers_the_warps_fifth_token(emu, launches, laun
     out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, 5)
     assert out[1][0].tolist() == [100, 101, 102, 103, 104]
     assert work > 0
+
+
+def test_topk_marginalize_bound_groups_are_the_same_tokens_on_every_path(
+    emu, launches, launch_barriers
+):
+    # V = 1025 in bfloat16: path 0's row is 16-byte aligned, path 1's is not, so the two are read
+    # differently; a bound group must still be the same tokens on both. Token 478 is fifth of its
+    # group on each path (behind 300-303 on path 0, 200-203 on path 1 when path 1 was grouped by
+    # its own reading order) but first in the marginal.
+    x = torch.full((1, 2, 1025), -6.0)
+    x[0, 0, 300:304] = torch.tensor([5.0, 5.03125, 5.0625, 5.09375])
+    x[0, 1, 200:204] = torch.tensor([4.875, 4.90625, 4.9375, 4.96875])
+    x[0, 0, 478], x[0, 1, 478] = 4.9375, 4.8125
+    x = x.to(BF16)
+    out, _ = marginal_second_pass_work(emu, launches, launch_barriers, x, torch.ones(1, 2), 4)
+    assert out[1][0].tolist() == [478, 303, 203, 302]
+
+
+def random_mixture(rng: random.Random, seed: int):
+    """A topk_marginalize input drawn from the layouts, dtypes, sizes and special values the
+    one-read path must handle: (x [B, L, V], weights [B, L], m, renormalize)."""
+    b, paths = rng.choice([1, 2, 3, 5]), rng.choice([1, 2, 3, 7, 16])
+    v = rng.choice([1, 5, 17, 300, 1024, 1025, 4999, 9000])
+    m, dtype = rng.randint(1, min(16, v)), rng.choice([F32, F16, BF16])
+    g = torch.Generator().manual_seed(seed)
+    scale = rng.choice([0.1, 1.0, 3.0, 8.0])
+    layout = rng.choice(["contiguous", "strided", "sliced"])
+    if layout == "contiguous":
+        x = (torch.randn(b, paths, v, generator=g) * scale).to(dtype)
+    elif layout == "strided":
+        x = (torch.randn(b, paths, 2 * v, generator=g) * scale).to(dtype)[:, :, ::2]
+    else:
+        x = (torch.randn(b, paths + 1, v + 3, generator=g) * scale).to(dtype)[:, 1:, 2 : v + 2]
+    special = rng.choice(["none", "nan", "inf", "-inf", "ties", "zero weights", "rounded"])
+    if special == "nan":
+        x[0, 0, rng.randrange(v)] = float("nan")
+    elif special == "inf":
+        x[0, paths - 1, rng.randrange(v)] = float("inf")
+    elif special == "-inf":
+        x[0] = float("-inf")
+        x[0, 0, 0] = 1.0
+    elif special == "ties":
+        x[-1, :, : min(v, 40)] = 2.0
+    elif special == "rounded":
+        x.copy_((x * 2).round() / 2)
+    w = torch.rand(b, paths, generator=g)
+    if special == "zero weights":
+        w[0] = 0
+    return x, w, m, rng.random() < 0.8
+
+
+def test_topk_marginalize_random_inputs_match_the_cpu_kernel(emu):
+    rng = random.Random(5)
+    for seed in range(100):
+        x, w, m, renormalize = random_mixture(rng, seed)
+        compare(
+            emu.topk_marginalize(x, w, m, renormalize),
+            torch.ops.mtp_ext.topk_marginalize(x, w, m, renormalize),
+            f"topk_marginalize case {seed}: {tuple(x.shape)} {x.dtype} strides {x.stride()} m={m}",
+        )
 
 
 def test_topk_marginalize_exact_ties_at_the_mth_place(emu, launches, launch_barriers):

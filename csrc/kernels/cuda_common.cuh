@@ -404,39 +404,46 @@ __device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t row) {
   return (row / l.inner) * l.outer_stride + (row % l.inner) * l.inner_stride;
 }
 
-// Calls f(i, x[i * stride]) (as float) for i in [0, n), the block's threads taking turns: eight
-// consecutive elements per 16-byte load where the row is contiguous and 16-byte aligned, then the
-// tail (or a strided row) one element at a time. Each thread sees its elements in ascending order.
+// Calls f(i, x[i * stride]) (as float) for i in [0, n). The elements go in groups of eight
+// consecutive ones, group g to thread g % THREADS, whatever the row's layout: read with 16-byte
+// loads where the row is contiguous and 16-byte aligned, one at a time otherwise (a strided or
+// unaligned row, and the last n % 8 elements). Each thread sees its elements in ascending order.
 // A thread issues 64 bytes of loads (four groups of 16-bit values, two of float32) before it uses
 // the first, so that enough loads are in flight to cover the memory's latency with few blocks per
 // multiprocessor.
 template <int THREADS, typename T, typename F>
 __device__ __forceinline__ void block_for_each(const T* p, int n, int64_t stride, F&& f) {
   constexpr int kLoads = static_cast<int>(8 / sizeof(T));
-  int done = 0;
-  if (stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0) {
-    const int n8 = n / 8 * 8;
-    for (int base = threadIdx.x * 8; base < n8; base += THREADS * 8 * kLoads) {
-      Raw8<T> raw[kLoads];
+  const bool vector = stride == 1 && (reinterpret_cast<uintptr_t>(p) % 16) == 0;
+  const int n8 = vector ? n / 8 * 8 : 0;  // the elements read eight at a time
+  for (int base = threadIdx.x * 8; base < n8; base += THREADS * 8 * kLoads) {
+    Raw8<T> raw[kLoads];
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u)
-        if (base + u * THREADS * 8 < n8) raw[u] = load_raw8(p + base + u * THREADS * 8);
+    for (int u = 0; u < kLoads; ++u)
+      if (base + u * THREADS * 8 < n8) raw[u] = load_raw8(p + base + u * THREADS * 8);
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int i = base + u * THREADS * 8;
-        if (i < n8) {
-          float v[8];
-          unpack8(raw[u], v);
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = base + u * THREADS * 8;
+      if (i < n8) {
+        float v[8];
+        unpack8(raw[u], v);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) f(i + j, v[j]);
-        }
+        for (int j = 0; j < 8; ++j) f(i + j, v[j]);
       }
     }
-    done = n8;
   }
-#pragma unroll 4
-  for (int i = done + threadIdx.x; i < n; i += THREADS)
-    f(i, load_f(p + static_cast<int64_t>(i) * stride));
+  // The rest one element at a time, each group of eight still to thread g % THREADS.
+  const int g0 = n8 / 8;
+  for (int g = g0 + (static_cast<int>(threadIdx.x) - g0 % THREADS + THREADS) % THREADS; g * 8 < n;
+       g += THREADS) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (g * 8 + j < n) v[j] = load_f(p + static_cast<int64_t>(g * 8 + j) * stride);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (g * 8 + j < n) f(g * 8 + j, v[j]);
+  }
 }
 
 // One term of block_first_hit: its mass and whether it may be the hit.

@@ -261,9 +261,10 @@ __global__ void __launch_bounds__(kThreads) marginalize_kernel(
 // Pass 1 (one block per chunk and batch row, all paths) reads the chunk once. For each path it
 // accumulates the chunk's softmax statistics (as topk_partial_kernel does) and keeps candidates:
 // each warp's four best tokens of the path, of which the path's best P (= m) in the chunk stay.
-// Each warp's share of the chunk (a group) gets a bound per path: every token of the group that
-// is not a candidate has a key at most the group's best key left out (its fifth best, or a best
-// four token past the path's P). The candidates' logits on every path are then gathered (the
+// Each warp's share of the chunk (a group: the tokens whose groups of eight block_for_each hands to
+// its threads, the same tokens on every path whatever the path's layout) gets a bound per path:
+// every token of the group that is not a candidate has a key at most the group's best key left
+// out (its fifth best, or a best four token past the path's P). The candidates' logits on every path are then gathered (the
 // chunk was just read: they come from L2), in the logits' own dtype. Pass 2 (one block per batch
 // row), once the row statistics give each path's coefficient c_l and maximum M_l, computes each
 // candidate's exact marginal q = sum_l c_l exp(x_l - M_l) (marginal_term, path order) and bounds
