@@ -26,7 +26,12 @@ STATIC_SMEM_LIMIT = 48 * 1024
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
+# ptxas puts "N bytes cumulative stack size" between the barriers and the shared memory of a
+# kernel with a stack frame.
+_USED = re.compile(
+    r"Used (\d+) registers(?:, used \d+ barriers)?(?:, \d+ bytes cumulative stack size)?"
+    r"(?:, (\d+) bytes smem)?"
+)
 
 
 def find_nvcc() -> str:
