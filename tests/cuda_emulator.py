@@ -155,6 +155,26 @@ def counter(name: str):
     return fn
 
 
+def launch_log(call):
+    """Runs ``call()`` on the emulator (call ``load()`` first); returns its result and, for each
+    launch it made, ``(blocks, block barriers released)``."""
+    launches = counter("launches")
+    blocks, barriers = counter("launch_blocks"), counter("launch_barriers")
+    before = launches()
+    result = call()
+    return result, [(blocks(n), barriers(n)) for n in range(before + 1, launches() + 1)]
+
+
+def topk_marginalize_second_pass_barriers(ops, x, w, m: int, renormalize: bool = True):
+    """``ops.topk_marginalize`` (the emulator's namespace) and the block barriers its second pass
+    (the last two of its five launches: the one-read path's) released: 0 when every batch row was
+    answered from the one read."""
+    out, log = launch_log(lambda: ops.topk_marginalize(x, w, m, renormalize))
+    if len(log) != 5:  # one-read partial, plan, answer, second pass, merge
+        raise RuntimeError(f"topk_marginalize made {len(log)} launches, not the one-read path's 5")
+    return out, log[3][1] + log[4][1]
+
+
 def load(verbose: bool = False):
     """Builds (if needed) and loads the emulated kernels; returns ``torch.ops.mtp_ext_emu``."""
     import torch

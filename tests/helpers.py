@@ -263,6 +263,19 @@ TREES = {
 }
 
 
+def unaligned_paths_mixture() -> tuple[torch.Tensor, torch.Tensor]:
+    """A topk_marginalize input whose paths are laid out differently: V = 1025 in bfloat16, so
+    path 0's row is 16-byte aligned and path 1's is not. Token 478 is fifth of its warp's share on
+    each path (behind 300-303 on path 0, behind 200-203 on path 1 when path 1 was grouped by its
+    own reading order) but first in the marginal; with m = 4 the top ids are [478, 303, 203, 302].
+    Returns x [1, 2, 1025] (bfloat16) and weights [1, 2]."""
+    x = torch.full((1, 2, 1025), -6.0)
+    x[0, 0, 300:304] = torch.tensor([5.0, 5.03125, 5.0625, 5.09375])
+    x[0, 1, 200:204] = torch.tensor([4.875, 4.90625, 4.9375, 4.96875])
+    x[0, 0, 478], x[0, 1, 478] = 4.9375, 4.8125
+    return x.to(torch.bfloat16), torch.ones(1, 2)
+
+
 def medusa_tree() -> torch.Tensor:
     """parents [10] of a Medusa-style tree: 2 children of the root, 3 + 2 + 1 + 1 below them."""
     return torch.tensor([-1, 0, 0, 1, 1, 1, 2, 2, 3, 4])

@@ -22,8 +22,24 @@ import random
 
 import pytest
 import torch
-from cuda_emulator import BUILD, NAME, counter, load
-from helpers import TOL, assert_same_outputs, heads_inputs, medusa_tree, rand, randn, verify_inputs
+from cuda_emulator import (
+    BUILD,
+    NAME,
+    counter,
+    launch_log,
+    load,
+    topk_marginalize_second_pass_barriers,
+)
+from helpers import (
+    TOL,
+    assert_same_outputs,
+    heads_inputs,
+    medusa_tree,
+    rand,
+    randn,
+    unaligned_paths_mixture,
+    verify_inputs,
+)
 
 from mtp_ext import ops
 
@@ -281,44 +297,29 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
         )
 
 
-@pytest.fixture(scope="module")
-def launch_barriers(emu):
-    return counter("launch_barriers")
-
-
-@pytest.fixture(scope="module")
-def launch_blocks(emu):
-    return counter("launch_blocks")
-
-
-def marginal_second_pass_work(emu, launches, launch_barriers, x, w, m):
+def marginal_second_pass_work(emu, x, w, m):
     """topk_marginalize on the emulator: its outputs, checked against the CPU kernel, and the
-    barriers its second pass (the last two of its five launches) released: 0 when every batch row
-    was answered from the one read of the certified path."""
-    before = launches()
-    out = emu.topk_marginalize(x, w, m, True)
-    assert launches() - before == 5  # certify partial, plan, certify, second pass, merge
+    barriers its second pass released (0 when every batch row was answered from one read)."""
+    out, work = topk_marginalize_second_pass_barriers(emu, x, w, m)
     compare(out, torch.ops.mtp_ext.topk_marginalize(x, w, m, True), f"topk_marginalize m={m}")
-    return out, launch_barriers(before + 4) + launch_barriers(before + 5)
+    return out, work
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("m", [1, 5, 8])
-def test_topk_marginalize_answers_rows_from_one_read(
-    emu, schedule, launches, launch_barriers, dtype, m
-):
+def test_topk_marginalize_answers_rows_from_one_read(emu, schedule, dtype, m):
     x = randn(3, 6, 5000, dtype=dtype, seed=21 + m, scale=4.0)
     w = rand(3, 6, seed=22)
-    _, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+    _, work = marginal_second_pass_work(emu, x, w, m)
     assert work == 0
     # A flat row ties at the m-th place: it takes the second pass, the others do not.
     x[1] = 0.25
-    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+    out, work = marginal_second_pass_work(emu, x, w, m)
     assert work > 0
     assert torch.equal(out[1][1], torch.arange(m))
 
 
-def test_topk_marginalize_bound_covers_the_warps_fifth_token(emu, launches, launch_barriers):
+def test_topk_marginalize_bound_covers_the_warps_fifth_token(emu):
     # Path 0's five best tokens lie in one warp's share of a chunk: the warp keeps four as
     # candidates and its fifth bounds the rest of its share. Token 700 (another warp) is a
     # candidate but only sixth: answering from the candidates would put it fifth.
@@ -326,24 +327,15 @@ def test_topk_marginalize_bound_covers_the_warps_fifth_token(emu, launches, laun
     x[0, 0, 100:105] = torch.tensor([9.0, 8.9, 8.8, 8.7, 8.6])
     x[0, 0, 700] = 8.5
     w = torch.tensor([[1.0, 0.2, 0.2]])
-    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, 5)
+    out, work = marginal_second_pass_work(emu, x, w, 5)
     assert out[1][0].tolist() == [100, 101, 102, 103, 104]
     assert work > 0
 
 
-def test_topk_marginalize_bound_groups_are_the_same_tokens_on_every_path(
-    emu, launches, launch_barriers
-):
-    # V = 1025 in bfloat16: path 0's row is 16-byte aligned, path 1's is not, so the two are read
-    # differently; a bound group must still be the same tokens on both. Token 478 is fifth of its
-    # group on each path (behind 300-303 on path 0, 200-203 on path 1 when path 1 was grouped by
-    # its own reading order) but first in the marginal.
-    x = torch.full((1, 2, 1025), -6.0)
-    x[0, 0, 300:304] = torch.tensor([5.0, 5.03125, 5.0625, 5.09375])
-    x[0, 1, 200:204] = torch.tensor([4.875, 4.90625, 4.9375, 4.96875])
-    x[0, 0, 478], x[0, 1, 478] = 4.9375, 4.8125
-    x = x.to(BF16)
-    out, _ = marginal_second_pass_work(emu, launches, launch_barriers, x, torch.ones(1, 2), 4)
+def test_topk_marginalize_bound_groups_are_the_same_tokens_on_every_path(emu):
+    # The paths' rows are read differently; a bound group must still be the same tokens on both.
+    x, w = unaligned_paths_mixture()
+    out, _ = marginal_second_pass_work(emu, x, w, 4)
     assert out[1][0].tolist() == [478, 303, 203, 302]
 
 
@@ -391,27 +383,25 @@ def test_topk_marginalize_random_inputs_match_the_cpu_kernel(emu):
         )
 
 
-def test_topk_marginalize_exact_ties_at_the_mth_place(emu, launches, launch_barriers):
+def test_topk_marginalize_exact_ties_at_the_mth_place(emu):
     # Three tokens tie exactly; the candidates list them path by path (900, 100, 50), not by id.
     # Ties go to the lower id: the second pass answers.
     x = torch.full((1, 3, 3000), float("-inf"))
     x[0, 0, 900] = x[0, 1, 100] = x[0, 2, 50] = 5.0
     w = torch.ones(1, 3)
     for m, expected in [(1, [50]), (2, [50, 100])]:
-        out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, m)
+        out, work = marginal_second_pass_work(emu, x, w, m)
         assert out[1][0].tolist() == expected
         assert work > 0
 
 
-def test_topk_marginalize_bound_covers_tokens_past_each_paths_candidates(
-    emu, launches, launch_barriers
-):
+def test_topk_marginalize_bound_covers_tokens_past_each_paths_candidates(emu):
     # Token 300 is second on both paths (so no path keeps it for m = 1) but first in the marginal.
     x = randn(1, 2, 5000, dtype=F32, seed=24, scale=0.5)
     x[0, 0, 10], x[0, 0, 300] = 10.0, 9.9
     x[0, 1, 600], x[0, 1, 300] = 10.0, 9.9
     w = torch.tensor([[1.0, 1.0]])
-    out, work = marginal_second_pass_work(emu, launches, launch_barriers, x, w, 1)
+    out, work = marginal_second_pass_work(emu, x, w, 1)
     assert out[1][0].tolist() == [300]
     assert work > 0
 
@@ -465,9 +455,7 @@ def test_fused_mtp_heads(emu, schedule, monkeypatch, launches, dtype, n, h, d, v
     assert count["9.0"] - count["7.5"] == (2 if d % 8 == 0 and dtype != F32 else 0)
 
 
-def test_tensor_core_grid_follows_the_shared_memory_per_sm(
-    emu, monkeypatch, launches, launch_blocks
-):
+def test_tensor_core_grid_follows_the_shared_memory_per_sm(emu, monkeypatch):
     # 16-row tiles take 85 KB of shared memory: two blocks per SM on an H100 or H200 (228 KB),
     # one on an A100 (164 KB). The unembedding's grid is sized from that; the answer is not.
     args = heads_args(BF16, 4, 4, 64, 4096, 8)
@@ -476,11 +464,9 @@ def test_tensor_core_grid_follows_the_shared_memory_per_sm(
     grids = {}
     for name, smem in [("H100", "233472"), ("A100", "167936")]:
         monkeypatch.setenv("CUDA_EMU_SMEM_PER_SM", smem)
-        before = launches()
-        compare(
-            emu.fused_mtp_heads(*args), expected, f"fused_mtp_heads ({name})", TOL[BF16].logprob
-        )
-        grids[name] = [launch_blocks(i) for i in range(before + 1, launches() + 1)]
+        out, log = launch_log(lambda: emu.fused_mtp_heads(*args))
+        compare(out, expected, f"fused_mtp_heads ({name})", TOL[BF16].logprob)
+        grids[name] = [blocks for blocks, _ in log]
     changed = [(h, a) for h, a in zip(grids["H100"], grids["A100"]) if h != a]
     assert changed == [(8, 4)], grids  # 4 SMs x 2 blocks, then 4 SMs x 1
 

@@ -24,6 +24,7 @@ from helpers import (
     rand,
     randn,
     ref64,
+    unaligned_paths_mixture,
     verify_inputs,
 )
 from helpers import assert_same_outputs as compare
@@ -245,15 +246,10 @@ def test_cuda_topk_marginalize_rows_on_both_paths():
 
 
 def test_cuda_topk_marginalize_rows_of_different_alignment():
-    # V = 1025 in bfloat16: path 0's row is 16-byte aligned, path 1's is not; token 478 is fifth
-    # of its group on each path but first in the marginal (tests/test_cuda_emulator.py).
-    x = torch.full((1, 2, 1025), -6.0)
-    x[0, 0, 300:304] = torch.tensor([5.0, 5.03125, 5.0625, 5.09375])
-    x[0, 1, 200:204] = torch.tensor([4.875, 4.90625, 4.9375, 4.96875])
-    x[0, 0, 478], x[0, 1, 478] = 4.9375, 4.8125
-    x = x.to(BF16)
-    _, ids = ops.topk_marginalize(x.cuda(), torch.ones(1, 2).cuda(), 4)
-    assert ids[0].tolist() == ops.topk_marginalize(x, torch.ones(1, 2), 4)[1][0].tolist()
+    # Path 0's row is 16-byte aligned, path 1's is not (tests/test_cuda_emulator.py).
+    x, w = unaligned_paths_mixture()
+    _, ids = ops.topk_marginalize(x.cuda(), w.cuda(), 4)
+    assert ids[0].tolist() == ops.topk_marginalize(x, w, 4)[1][0].tolist()
 
 
 @pytest.mark.parametrize("seed", [3, 4])

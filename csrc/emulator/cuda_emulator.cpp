@@ -90,6 +90,12 @@ struct Lane {
   std::deque<std::vector<PendingCopy>> committed_copies;
 };
 
+// A static __shared__ variable of the running block: its address and size.
+struct StaticVar {
+  const void* address;
+  size_t bytes;
+};
+
 struct Block {
   std::vector<Lane> lanes;
   // Per warp: how many lanes wait at a collective, and which lanes have exited.
@@ -103,17 +109,25 @@ struct Block {
   // The launch's kernel and dynamic shared memory; the static variables this block has reached.
   const void* kernel = nullptr;
   size_t dynamic_bytes = 0, static_bytes = 0;
-  std::vector<const void*> statics;
-  std::vector<size_t> static_sizes;  // bytes of each of statics
+  std::vector<StaticVar> statics;
   // Per warp: the scratch buffer of the matrix operations.
   std::vector<std::vector<unsigned char>> warp_scratch;
 };
 
 Block* g_block = nullptr;
 uint64_t g_launches = 0;
-uint64_t g_barriers = 0;                 // block barriers released
-std::vector<uint64_t> g_launch_barriers;  // per launch (in launch order): barriers released
-std::vector<uint64_t> g_launch_blocks;    // and blocks
+uint64_t g_barriers = 0;  // block barriers released
+
+// What each launch did, in launch order.
+struct LaunchRecord {
+  uint64_t blocks = 0, barriers = 0;
+};
+std::vector<LaunchRecord> g_launch_log;
+// The record of launch number `launch` (1 for the first); an empty one for a launch not run.
+LaunchRecord launch_record(uint64_t launch) {
+  return launch >= 1 && launch <= g_launch_log.size() ? g_launch_log[launch - 1] : LaunchRecord{};
+}
+
 cudaError_t g_last_error = cudaSuccess;
 std::unordered_map<const void*, size_t> g_static_shared;
 std::unordered_map<const void*, int> g_optin;
@@ -300,6 +314,13 @@ void run_block(Block& b, const dim3& grid, const dim3& block, const uint3& block
   }
 }
 
+// The integer in environment variable `name`, or `fallback` when it is unset or not positive.
+int positive_env(const char* name, int fallback) {
+  const char* s = std::getenv(name);
+  const int v = s == nullptr ? fallback : std::atoi(s);
+  return v > 0 ? v : fallback;
+}
+
 }  // namespace
 
 cudaError_t set_last_error(cudaError_t e) {
@@ -340,11 +361,8 @@ int max_dynamic_smem(const void* kernel) {
 
 int device_attribute(cudaDeviceAttr attr) {
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: {
-      const char* s = std::getenv("CUDA_EMU_SMS");
-      const int sms = s == nullptr ? 132 : std::atoi(s);
-      return sms > 0 ? sms : 132;
-    }
+    case cudaDevAttrMultiProcessorCount:
+      return positive_env("CUDA_EMU_SMS", 132);
     case cudaDevAttrComputeCapabilityMajor:
     case cudaDevAttrComputeCapabilityMinor: {
       // CUDA_EMU_CC: "major.minor" (default 9.0, an H100 / H200).
@@ -357,11 +375,8 @@ int device_attribute(cudaDeviceAttr attr) {
       return static_cast<int>(kDefaultSmem);
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       return static_cast<int>(kMaxOptinSmem);
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: {
-      const char* s = std::getenv("CUDA_EMU_SMEM_PER_SM");
-      const int bytes = s == nullptr ? 233472 : std::atoi(s);
-      return bytes > 0 ? bytes : 233472;
-    }
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
+      return positive_env("CUDA_EMU_SMEM_PER_SM", 233472);
   }
   return 0;
 }
@@ -384,9 +399,9 @@ size_t static_shared(const void* kernel) {
 void note_shared(void* variable, size_t bytes) {
   Block& b = *g_block;
   current_lane();
-  if (std::find(b.statics.begin(), b.statics.end(), variable) != b.statics.end()) return;
-  b.statics.push_back(variable);
-  b.static_sizes.push_back(bytes);
+  for (const StaticVar& v : b.statics)
+    if (v.address == variable) return;
+  b.statics.push_back({variable, bytes});
   std::memset(variable, 0xff, bytes);  // as uninitialized as shared memory is
   b.static_bytes += bytes;
   const bool opted_in = g_optin.count(b.kernel) != 0;
@@ -442,8 +457,8 @@ bool in_shared(const void* p, size_t size) {
     return base != nullptr && q >= lo && q + size <= lo + bytes;
   };
   if (inside(b.dynamic, b.dynamic_bytes)) return true;
-  for (size_t i = 0; i < b.statics.size(); ++i)
-    if (inside(b.statics[i], b.static_sizes[i])) return true;
+  for (const StaticVar& v : b.statics)
+    if (inside(v.address, v.bytes)) return true;
   return false;
 }
 
@@ -602,8 +617,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
         "emulator runs one launch at a time");
   ++g_launches;
   const uint64_t barriers_before = g_barriers;
-  g_launch_barriers.resize(g_launches, 0);
-  g_launch_blocks.resize(g_launches, 0);
+  g_launch_log.resize(g_launches);
   const std::string setting = schedule_setting();
   std::mt19937 rng(setting.rfind("random:", 0) == 0 ? std::stoul(setting.substr(7)) : 0u);
   // Dynamic shared memory starts 128-byte aligned (a GPU aligns it at least that much).
@@ -627,7 +641,6 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
                       static_cast<unsigned>(linear / (uint64_t(g.x) * g.y))};
       std::fill(dynamic.begin(), dynamic.end(), static_cast<unsigned char>(0xff));
       b.statics.clear();
-      b.static_sizes.clear();
       b.static_bytes = 0;
       run_block(b, g, k, idx, setting, rng);
       if (!b.fault.empty()) throw std::runtime_error("cuda_emu: " + b.fault);
@@ -637,8 +650,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, const std::function<voi
     throw;
   }
   g_block = nullptr;
-  g_launch_barriers[g_launches - 1] = g_barriers - barriers_before;
-  g_launch_blocks[g_launches - 1] = blocks;
+  g_launch_log[g_launches - 1] = {blocks, g_barriers - barriers_before};
 }
 
 }  // namespace cuda_emu
@@ -650,12 +662,10 @@ extern "C" uint64_t cuda_emu_launches() { return cuda_emu::g_launches; }
 // all its blocks: a measure of the work its blocks did, for tests that check that a kernel's
 // blocks skipped theirs. 0 for a launch that has not run.
 extern "C" uint64_t cuda_emu_launch_barriers(uint64_t launch) {
-  const auto& log = cuda_emu::g_launch_barriers;
-  return launch >= 1 && launch <= log.size() ? log[launch - 1] : 0;
+  return cuda_emu::launch_record(launch).barriers;
 }
 
 // The blocks of launch number `launch` (its grid's size; 0 for a launch that has not run).
 extern "C" uint64_t cuda_emu_launch_blocks(uint64_t launch) {
-  const auto& log = cuda_emu::g_launch_blocks;
-  return launch >= 1 && launch <= log.size() ? log[launch - 1] : 0;
+  return cuda_emu::launch_record(launch).blocks;
 }

@@ -545,6 +545,26 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Grid of at most 65535 in y / z: rows beyond that are looped over by the kernels.
 constexpr int64_t kMaxGridY = 65535;
 
+// One block per row, at most 65535 * 16 of them: rows beyond that are looped over by the kernels.
+inline unsigned row_blocks(int64_t rows) {
+  return static_cast<unsigned>(rows < 65535 * 16 ? rows : 65535 * 16);
+}
+
+// Lets Kernel take `bytes` of dynamic shared memory. Without the opt-in, static plus dynamic
+// shared memory must fit in 48 KB (the kernel's own static share, queried once, counts too). The
+// opt-in is per device and cheap to repeat; a failure surfaces as the launch's error.
+template <auto Kernel>
+void allow_dynamic_smem(size_t bytes) {
+  static const size_t static_smem = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, Kernel) == cudaSuccess ? attr.sharedSizeBytes
+                                                               : size_t{4096};
+  }();
+  if (bytes + static_smem > 48 * 1024)
+    cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(bytes));
+}
+
 }  // namespace cuda
 }  // namespace kernels
 }  // namespace mtp_ext

@@ -34,8 +34,8 @@ constexpr int kTopkChunk = 8192;
 constexpr int kTopkMaxK = 64;        // the partial/merge path serves 1 <= k <= kTopkMaxK
 constexpr int kTopkMaxMerge = 8192;  // and rows with chunks * k <= kTopkMaxMerge
 
-inline int64_t topk_chunks(int64_t vocab) { return (vocab + kTopkChunk - 1) / kTopkChunk; }
 inline int64_t topk_chunks_of(int64_t vocab, int64_t chunk) { return (vocab + chunk - 1) / chunk; }
+inline int64_t topk_chunks(int64_t vocab) { return topk_chunks_of(vocab, kTopkChunk); }
 
 // What the merge writes as values.
 enum class TopkOut : int {

@@ -414,14 +414,6 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
-// Over 48 KB of dynamic shared memory needs the opt-in (per device; cheap to repeat). A failure
-// surfaces as the launch's error.
-template <typename K>
-void allow_smem(K* kernel, size_t bytes) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                       static_cast<int>(bytes));
-}
-
 template <typename T, int RB>
 void launch_unembed(const float* z, int64_t rows, int64_t depth, const T* w, int64_t w_row_stride,
                     int64_t vocab, int k, int64_t chunks, int64_t per_block, float* part_max,
@@ -432,7 +424,7 @@ void launch_unembed(const float* z, int64_t rows, int64_t depth, const T* w, int
   const SplitRows<T> z2(l, workspace);
   split_rows_kernel<T><<<RB, kSplitThreads, 0, stream>>>(z, rows, depth, depth, l.depth_pad, z2.hi,
                                                          z2.lo, z2.scale);
-  allow_smem(unembed_topk_partial_mma_kernel<T, RB>, S::kSmem);
+  allow_dynamic_smem<unembed_topk_partial_mma_kernel<T, RB>>(S::kSmem);
   unembed_topk_partial_mma_kernel<T, RB>
       <<<static_cast<unsigned>(chunks), kUThreads, S::kSmem, stream>>>(
           z2.hi, z2.lo, z2.scale, rows, depth, l.depth_pad, w, w_row_stride, vocab, per_block, k,
@@ -478,7 +470,7 @@ void launch_dot(const DotPlan& p, const float* a, int64_t rows, int64_t depth,
                        : nullptr;
   split_rows_kernel<T><<<static_cast<unsigned>(p.rows.rows_pad), kSplitThreads, 0, stream>>>(
       a, rows, depth, a_row_stride, p.rows.depth_pad, a2.hi, a2.lo, a2.scale);
-  allow_smem(rows_dot_mma_kernel<T, RB>, S::kSmem);
+  allow_dynamic_smem<rows_dot_mma_kernel<T, RB>>(S::kSmem);
   const dim3 grid(static_cast<unsigned>(p.col_tiles),
                   static_cast<unsigned>(p.row_tiles * p.splits), static_cast<unsigned>(groups));
   rows_dot_mma_kernel<T, RB><<<grid, kUThreads, S::kSmem, stream>>>(

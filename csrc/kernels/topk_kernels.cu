@@ -105,8 +105,9 @@ __global__ void __launch_bounds__(kThreads, 3) marginal_topk_partial_kernel(
       if (c != 0.0f) {
         const float mx = row_max[b * paths + l];
         const T* p = x + row_offset(layout, b * paths + l) + begin * layout.v_stride;
-        block_for_each<kThreads>(p, n, layout.v_stride,
-                                 [&](int i, float v) { s_acc[i] = marginal_term(c, v, mx, s_acc[i]); });
+        block_for_each<kThreads>(p, n, layout.v_stride, [&](int i, float v) {
+          s_acc[i] = marginal_term(c, v, mx, s_acc[i]);
+        });
       }
       __syncthreads();  // the next path may split the chunk between threads differently
     }
@@ -264,8 +265,8 @@ __global__ void __launch_bounds__(kThreads) marginalize_kernel(
 // Each warp's share of the chunk (a group: the tokens whose groups of eight block_for_each hands to
 // its threads, the same tokens on every path whatever the path's layout) gets a bound per path:
 // every token of the group that is not a candidate has a key at most the group's best key left
-// out (its fifth best, or a best four token past the path's P). The candidates' logits on every path are then gathered (the
-// chunk was just read: they come from L2), in the logits' own dtype. Pass 2 (one block per batch
+// out (its fifth best, or a best four token past the path's P). The candidates' logits on every
+// path are then gathered (the chunk was just read: they come from L2), in the logits' own dtype. Pass 2 (one block per batch
 // row), once the row statistics give each path's coefficient c_l and maximum M_l, computes each
 // candidate's exact marginal q = sum_l c_l exp(x_l - M_l) (marginal_term, path order) and bounds
 // every other token by U_g = sum_l c_l exp(bound_l - M_l) of its group (q and U grow with each
@@ -298,7 +299,8 @@ struct BestN {
     // Insertion without branches on the position, so that e stays in registers: from the back,
     // each entry takes its predecessor (x ranks above it), x (x ranks between) or stays.
 #pragma unroll
-    for (int j = N - 1; j > 0; --j) e[j] = better(x, e[j - 1]) ? e[j - 1] : (better(x, e[j]) ? x : e[j]);
+    for (int j = N - 1; j > 0; --j)
+      e[j] = better(x, e[j - 1]) ? e[j - 1] : (better(x, e[j]) ? x : e[j]);
     if (better(x, e[0])) e[0] = x;
   }
 };
@@ -411,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, 3) marginal_certify_partial_kernel(
 // top m is written to out_val / out_id, 0 when the second pass must find it.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) marginal_certify_kernel(
-    int64_t batch, int paths, int64_t chunks, int per_path, int m, const float* __restrict__ coef,
+    int64_t batch, int paths, int64_t chunks, int m, const float* __restrict__ coef,
     const float* __restrict__ row_max, const uint32_t* __restrict__ bound,
     const int32_t* __restrict__ cand_id, const T* __restrict__ cand_x,
     float* __restrict__ out_val, int64_t* __restrict__ out_id, int32_t* __restrict__ done) {
@@ -424,8 +426,7 @@ __global__ void __launch_bounds__(kThreads, 2) marginal_certify_kernel(
   __shared__ float s_coef[kCertifyMaxPaths], s_max[kCertifyMaxPaths];
   __shared__ float scratch[kThreads / kWarp];
   __shared__ int iscratch[kThreads / kWarp];
-  const int64_t k_cands = static_cast<int64_t>(paths) * per_path;
-  const int n = static_cast<int>(chunks * k_cands);
+  const int n = static_cast<int>(chunks * paths * m);  // candidates: L * m per chunk
   const int64_t groups = chunks * kCertWarps;
   uint32_t* keys = dyn;
   int32_t* ids = reinterpret_cast<int32_t*>(dyn + n);
@@ -458,7 +459,8 @@ __global__ void __launch_bounds__(kThreads, 2) marginal_certify_kernel(
       float u = 0.0f;
       for (int l = 0; l < paths; ++l) {
         const uint32_t key = bound[(b * groups + g) * paths + l];
-        if (s_coef[l] != 0.0f && key != 0u) u = marginal_term(s_coef[l], key_value(key), s_max[l], u);
+        if (s_coef[l] != 0.0f && key != 0u)
+          u = marginal_term(s_coef[l], key_value(key), s_max[l], u);
       }
       bad |= !isfinite(u);
       u_max = fmaxf(u_max, u);
@@ -516,19 +518,8 @@ void launch_topk_merge(int64_t rows, int64_t chunks, int k, const float* part_ma
                        const int32_t* skip, cudaStream_t stream) {
   if (rows == 0) return;
   const size_t smem = static_cast<size_t>(chunks * k) * (sizeof(uint32_t) + sizeof(int32_t));
-  // Without the opt-in, static plus dynamic shared memory must fit in 48 KB; the kernel's own
-  // static share (about 1.7 KB) counts too. A failed opt-in surfaces as the launch's error.
-  static const size_t static_smem = [] {
-    cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, topk_merge_kernel) == cudaSuccess ? attr.sharedSizeBytes
-                                                                          : size_t{4096};
-  }();
-  if (smem + static_smem > 48 * 1024) {
-    cudaFuncSetAttribute(topk_merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(smem));
-  }
-  const unsigned grid = static_cast<unsigned>(rows < 65535 * 16 ? rows : 65535 * 16);
-  topk_merge_kernel<<<grid, kThreads, smem, stream>>>(rows, chunks, k, part_max, part_sum,
+  allow_dynamic_smem<topk_merge_kernel>(smem);
+  topk_merge_kernel<<<row_blocks(rows), kThreads, smem, stream>>>(rows, chunks, k, part_max, part_sum,
                                                       cand_key, cand_id, mode, scale, out_val,
                                                       out_id, row_max, skip);
 }
@@ -632,22 +623,13 @@ void launch_marginal_certify(DType dtype, int64_t batch, int64_t paths, int64_t 
                              const int32_t* cand_id, const void* cand_x, float* out_val,
                              int64_t* out_id, int32_t* done, cudaStream_t stream) {
   if (batch == 0) return;
-  const size_t smem = static_cast<size_t>(chunks * paths * m) * (sizeof(uint32_t) + sizeof(int32_t));
+  const size_t smem =
+      static_cast<size_t>(chunks * paths * m) * (sizeof(uint32_t) + sizeof(int32_t));
   dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    static const size_t static_smem = [] {
-      cudaFuncAttributes attr{};
-      return cudaFuncGetAttributes(&attr, marginal_certify_kernel<T>) == cudaSuccess
-                 ? attr.sharedSizeBytes
-                 : size_t{4096};
-    }();
-    if (smem + static_smem > 48 * 1024) {
-      cudaFuncSetAttribute(marginal_certify_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
-    }
-    const unsigned grid = static_cast<unsigned>(batch < 65535 * 16 ? batch : 65535 * 16);
-    marginal_certify_kernel<T><<<grid, kThreads, smem, stream>>>(
-        batch, static_cast<int>(paths), chunks, m, m, coef, row_max, bound, cand_id,
+    allow_dynamic_smem<marginal_certify_kernel<T>>(smem);
+    marginal_certify_kernel<T><<<row_blocks(batch), kThreads, smem, stream>>>(
+        batch, static_cast<int>(paths), chunks, m, coef, row_max, bound, cand_id,
         static_cast<const T*>(cand_x), out_val, out_id, done);
   });
 }

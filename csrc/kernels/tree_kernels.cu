@@ -250,10 +250,6 @@ __global__ void compact_kv_kernel(char* base, int64_t batch, int64_t heads, int6
   }
 }
 
-unsigned row_blocks(int64_t rows) {
-  return static_cast<unsigned>(rows < 65535 * 16 ? rows : 65535 * 16);
-}
-
 }  // namespace
 
 void launch_walk_tree(const int64_t* draft, const int64_t* parents, int64_t parents_row_stride,
