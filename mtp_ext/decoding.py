@@ -388,11 +388,13 @@ def generate(
         generation_config: a ``transformers.GenerationConfig`` used instead of
             ``model.generation_config`` (the arguments above still override it).
         prompt_lookup_num_tokens: (transformers' name for it) also draft, as one more branch
-            under the root, the tokens that followed the last earlier occurrence of the
-            context's final 1-3 tokens (prompt-lookup drafting, which pays on repetitive text:
-            quotes, code, translations); added only on steps where some row has a match; 0 or
-            None turns it off. After a step in which a row accepted the whole branch, the next
-            one is 4 tokens longer (up to twice this), and otherwise back to this length.
+            (continuing the heads' tree where it drafts the same first tokens; see
+            :func:`~mtp_ext.trees.add_branch`), the tokens that followed the last earlier
+            occurrence of the context's final 1-3 tokens (prompt-lookup drafting, which pays on
+            repetitive text: quotes, code, translations); added only on steps where some row has
+            a match; 0 or None turns it off. After a step in which a row accepted the whole
+            branch, the next one is 4 tokens longer (up to twice this), and otherwise back to
+            this length.
         backend: ``"kernels"`` (``mtp_ext.ops``), ``"reference"`` (``mtp_ext.reference``) for
             the tree mask, the verification and the cache compaction, or an object with those
             four functions (the heads draft with the kernels either way).

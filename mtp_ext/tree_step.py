@@ -354,8 +354,8 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
         uniforms_fn: ``shape -> uniforms`` on the model's device (sampling only).
         ops: the backend (``tree_attention_mask``, ``verify_tree``, ``verify_tree_from_hidden``,
             ``compact_kv``).
-        branch: ``[B, K]`` int64 host tensor of extra drafts chained under each root (-1 padded),
-            e.g. :meth:`HostContexts.lookup`'s, or None.
+        branch: ``[B, K]`` int64 host tensor of extra drafts after each root (-1 padded), e.g.
+            :meth:`HostContexts.lookup`'s, or None; added by :func:`~mtp_ext.trees.add_branch`.
         active: per row, whether it is still generating (None: all). Finished rows keep no more
             of their path than the longest kept by a live row, so they do not widen the cache.
     """

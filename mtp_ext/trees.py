@@ -300,21 +300,45 @@ def lookup_draft(context: torch.Tensor, length: int, max_ngram: int = 3) -> torc
 
 
 def add_branch(tree: DraftTree, branch: torch.Tensor) -> DraftTree:
-    """``tree`` with a chain of ``K`` more nodes under each row's root: ``branch [B, K]`` int64
+    """``tree`` with ``K`` more nodes that draft ``branch [B, K]`` int64 after each row's root
     (e.g. :func:`lookup_draft` rows; -1 entries never match the target, and a chain stops
-    being accepted there). The branch's scores are 0 (it is not a head draft)."""
+    being accepted there). The branch's scores are 0 (it is not a head draft).
+
+    The branch shares its prefix with the tree: the deepest node whose path from the root spells
+    the branch's first ``k`` tokens gets the other ``K - k`` as a chain, followed by ``k`` nodes
+    of -1. Chained under the root instead, the branch would never be followed when its first
+    token is also a head's draft: verification follows the lowest-index child that matches.
+    """
     B, T = tree.tokens.shape
     K = branch.shape[1]
     dev = tree.tokens.device
-    par = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
-                     torch.arange(T, T + K - 1, dtype=torch.long, device=dev)])
-    depth = torch.arange(1, K + 1, dtype=torch.long, device=dev)
     # From pinned host memory (HostContexts.lookup(pin=True)) the copy is queued on the stream
     # instead of waiting for it; from pageable memory non_blocking changes nothing.
     branch = branch.to(dev, non_blocking=True)
+    attach = _deepest_prefix_node(tree, branch)  # [B]
+    shared = tree.depths.gather(1, attach[:, None])  # [B, 1]: branch tokens already in the tree
+    steps = torch.arange(K, dtype=torch.long, device=dev)
+    src = shared + steps  # [B, K]
+    rest = branch.gather(1, src.clamp(max=K - 1)).masked_fill(src >= K, -1)
+    par = torch.cat([attach[:, None], (T + steps[:-1]).expand(B, K - 1)], 1)
     return DraftTree(
-        torch.cat([tree.tokens, branch], 1),
-        torch.cat([tree.parents, par.expand(B, K)], 1),
-        torch.cat([tree.depths, depth.expand(B, K)], 1),
+        torch.cat([tree.tokens, rest], 1),
+        torch.cat([tree.parents, par], 1),
+        torch.cat([tree.depths, shared + 1 + steps], 1),
         torch.cat([tree.scores, tree.scores.new_zeros(B, K)], 1),
     )
+
+
+def _deepest_prefix_node(tree: DraftTree, branch: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64: per row, the deepest node whose path from the root spells a prefix of
+    ``branch [B, K]`` (the root, 0, when none does). Pointer jumping over the parents: no loop
+    over the nodes, ceil(log2 T) rounds."""
+    K = branch.shape[1]
+    depth = tree.depths
+    own = tree.tokens == branch.gather(1, (depth - 1).clamp(0, K - 1))
+    ok = (own & (depth >= 1) & (depth <= K)) | (depth == 0)
+    up = tree.parents.clamp(min=0)  # the root is its own parent
+    for _ in range(max(1, (tree.size - 1).bit_length())):
+        ok = ok & ok.gather(1, up)
+        up = up.gather(1, up)
+    return torch.where(ok, depth, -1).argmax(1)

@@ -1,8 +1,10 @@
 """Draft trees (``mtp_ext.trees``) from heads on a tiny random-weight Llama: static trees (paths of
 ranks, parent-dependent with conditioned heads), chains, and dynamic trees against a brute-force
-enumeration node by node."""
+enumeration node by node; and where the prompt-lookup branch joins a tree (``add_branch``)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch
 from helpers import perturbed_heads, tiny_llama
 
 from mtp_ext.heads import MTPHeads
-from mtp_ext.trees import DynamicTree, StaticTree, build_tree, chain
+from mtp_ext.reference import walk_tree
+from mtp_ext.trees import DraftTree, DynamicTree, StaticTree, add_branch, build_tree, chain
 
 VOCAB, HIDDEN, H = 500, 32, 3
 KINDS = ["resblock", "linear", "conditioned"]
@@ -158,3 +161,39 @@ def test_heads_draft_tree_method(model):
     want = build_tree(heads, x, root, DynamicTree(7))
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
     assert torch.equal(heads.draft_tree(x, root, chain(2)).tokens, build_tree(heads, x, root, chain(2)).tokens)
+
+
+def _tree(tokens, parents, depths) -> DraftTree:
+    t = torch.tensor(tokens)
+    return DraftTree(t, torch.tensor(parents), torch.tensor(depths), torch.zeros(t.shape))
+
+
+def test_add_branch_shares_the_prefix_the_tree_drafts():
+    """The lookup branch continues under the deepest node that spells its prefix; a branch chained
+    under the root behind a head child with the same first token would never be followed."""
+    row = ([3, 10, 11, 12], [-1, 0, 0, 1], [0, 1, 1, 2])  # root -> 10 -> 12, root -> 11
+    tree = _tree(*[[r] * 4 for r in row])
+    branch = torch.tensor([[10, 20, 21], [10, 12, 5], [7, 8, 9], [10, 12, 13]])
+    big = add_branch(tree, branch)
+    assert big.tokens[:, 4:].tolist() == [[20, 21, -1], [5, -1, -1], [7, 8, 9], [13, -1, -1]]
+    assert big.parents[:, 4:].tolist() == [[1, 4, 5], [3, 4, 5], [0, 4, 5], [3, 4, 5]]
+    assert big.depths[:, 4:].tolist() == [[2, 3, 4], [3, 4, 5], [1, 2, 3], [3, 4, 5]]
+    # Greedy verification with targets along each branch accepts all three of its tokens.
+    paths = [[0, 1, 4, 5], [0, 1, 3, 4], [0, 4, 5, 6], [0, 1, 3, 4]]
+    targets = torch.full((4, 7), 99)
+    for b, path in enumerate(paths):
+        for node, child in itertools.pairwise(path):
+            targets[b, node] = big.tokens[b, child]
+    num_acc, _, _ = walk_tree(big.tokens, big.parents, targets)
+    assert num_acc.tolist() == [3, 3, 3, 3]
+
+
+def test_add_branch_checks_every_ancestor():
+    """Tokens that match at depth 2 and deeper under a node that does not match at depth 1 are not
+    a shared prefix (pointer jumping must see the whole path)."""
+    tree = _tree([[1, 10, 11, 12, 13]], [[-1, 0, 1, 2, 3]], [[0, 1, 2, 3, 4]])
+    big = add_branch(tree, torch.tensor([[9, 11, 12, 13]]))
+    assert big.parents[0, 5:].tolist() == [0, 5, 6, 7]
+    assert big.tokens[0, 5:].tolist() == [9, 11, 12, 13]
+    big = add_branch(tree, torch.tensor([[10, 11, 12, 13]]))  # the whole branch is in the tree
+    assert big.parents[0, 5:].tolist() == [4, 5, 6, 7] and big.tokens[0, 5:].tolist() == [-1] * 4
