@@ -59,6 +59,11 @@ def marginalize(
         renormalize: normalize ``weights`` per row first.
     Returns:
         ``probs[B, V]`` float32.
+
+    On CUDA one launch reads the logits from device memory once: the statistics of a chunk of the
+    vocabulary, then, once its row's statistics are all in, the chunk again, from L2, for its
+    marginal. Where the chunks read in between would not fit half the L2, the logits are read
+    twice (a statistics pass, then the marginal).
     """
     return _ops.marginalize(next_logits, weights, renormalize)
 

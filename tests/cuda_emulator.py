@@ -12,7 +12,8 @@ use small shapes.
 between runs) and returns the ``torch.ops.mtp_ext_emu`` namespace. ``CUDA_EMU_SCHEDULE``
 (``forward``, ``reverse``, ``random:<seed>``) orders the threads' turns; ``CUDA_EMU_SMS`` sets the
 device's multiprocessor count (default 132), ``CUDA_EMU_SMEM_PER_SM`` its shared memory per
-multiprocessor (default 233472 bytes) and ``CUDA_EMU_CC`` its compute capability (default 9.0).
+multiprocessor (default 233472 bytes), ``CUDA_EMU_L2_BYTES`` its L2 cache (default 52428800 bytes)
+and ``CUDA_EMU_CC`` its compute capability (default 9.0).
 """
 
 from __future__ import annotations

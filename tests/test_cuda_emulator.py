@@ -119,6 +119,7 @@ def test_reductions_ballot_match_and_shuffle_up(selftest, schedule):
         ("wmma_misaligned", "not 32-byte aligned"),
         ("async_copy_misaligned", "not aligned to its size"),
         ("async_copy_to_global", "outside the block's shared memory"),
+        ("spin_wait", "spin-wait"),
     ],
 )
 def test_faults_are_reported(selftest, case, expected):
@@ -295,6 +296,54 @@ def test_marginalize_and_topk(emu, schedule, dtype, renormalize):
             torch.ops.mtp_ext.topk_marginalize(x, w, m, renormalize),
             f"topk_marginalize m={m}",
         )
+
+
+def marginalize_launches(emu, x, w, renormalize=True):
+    """marginalize on the emulator, checked against the CPU kernel; returns its launches'
+    ``(blocks, barriers)``."""
+    out, log = launch_log(lambda: emu.marginalize(x, w, renormalize))
+    compare(out, torch.ops.mtp_ext.marginalize(x, w, renormalize), "marginalize")
+    return log
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("sms", ["132", "1"])
+def test_marginalize_streams_in_one_launch(emu, schedule, monkeypatch, dtype, sms):
+    """One launch reads the logits once. With 132 multiprocessors the rows are cut into 20 chunks
+    and each of 160 blocks takes one item (a chunk's statistics or its marginal): the rows'
+    statistics are merged and published across blocks. With one, 3 chunks of 8192 and 3 blocks
+    that take 8 items each, in the interleaved order (a chunk's marginal 4 claims after its
+    statistics)."""
+    monkeypatch.setenv("CUDA_EMU_SMS", sms)
+    x = randn(4, 3, 20000, dtype=dtype, seed=41, scale=3.0)
+    x[2, 1, 5:900] = -float("inf")
+    w = rand(4, 3, seed=42)
+    w[3, 1] = 0.0
+    for renormalize in (True, False):
+        log = marginalize_launches(emu, x, w, renormalize)
+        assert len(log) == 1 and log[0][0] == (160 if sms == "132" else 3)
+
+
+def test_marginalize_streamed_layouts(emu, schedule):
+    """Strided and unaligned paths, a NaN path with zero weight, a row of zero weights."""
+    x, w = unaligned_paths_mixture()
+    assert len(marginalize_launches(emu, x, w)) == 1
+    y = randn(3, 9000, 4, seed=44, scale=2.0).transpose(1, 2)  # [3, 4, 9000], stride 4 along V
+    wy = rand(3, 4, seed=45)
+    y[1, 2] = float("nan")
+    wy[1, 2] = 0.0
+    wy[2] = 0.0
+    for renormalize in (True, False):
+        assert len(marginalize_launches(emu, y, wy, renormalize)) == 1
+
+
+def test_marginalize_without_room_in_l2_reads_twice(emu, monkeypatch):
+    """When a chunk's lag does not fit half the L2, the statistics pass, the plan and the marginal
+    run as three launches, with the same results."""
+    x = randn(2, 5, 9000, dtype=BF16, seed=46, scale=3.0)
+    w = rand(2, 5, seed=47)
+    monkeypatch.setenv("CUDA_EMU_L2_BYTES", "65536")
+    assert len(marginalize_launches(emu, x, w)) == 3
 
 
 def marginal_second_pass_work(emu, x, w, m):

@@ -87,8 +87,26 @@ at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bo
   at::Tensor out = at::empty({b, vocab}, next_logits.options().dtype(at::kFloat));
   if (b == 0 || vocab == 0) return out;
   if (l == 0) return out.zero_();
+  const kc::DType dtype = storage_type(next_logits);
+  if (const int64_t chunk = kc::marginal_stream_chunk(b, l, vocab, dtype); chunk > 0) {
+    // One launch that reads the logits from device memory once (the workspace's counters are
+    // zeroed by one fill).
+    const auto f32 = next_logits.options().dtype(at::kFloat);
+    const at::Tensor w = weights.to(at::kFloat).contiguous();
+    at::Tensor queue = at::zeros({2 + 2 * b}, next_logits.options().dtype(at::kInt));
+    const int64_t parts = kc::marginal_stream_parts(vocab, chunk);
+    at::Tensor part_max = at::empty({b * l, parts}, f32), part_sum = at::empty({b * l, parts}, f32);
+    at::Tensor coef = at::empty({b, l}, f32), row_max = at::empty({b, l}, f32);
+    kc::launch_marginalize_stream(
+        next_logits.const_data_ptr(), dtype, b, l, vocab, batch_rows_layout(next_logits), chunk,
+        w.const_data_ptr<float>(), renormalize, queue.data_ptr<int32_t>(),
+        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), coef.data_ptr<float>(),
+        row_max.data_ptr<float>(), out.data_ptr<float>(), stream());
+    MTP_EXT_CHECK_LAUNCH();
+    return out;
+  }
   const auto [coef, row_max] = plan_mixture(next_logits, weights, renormalize);
-  kc::launch_marginalize(next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
+  kc::launch_marginalize(next_logits.const_data_ptr(), dtype, b, l, vocab,
                          batch_rows_layout(next_logits), coef.const_data_ptr<float>(),
                          row_max.const_data_ptr<float>(), out.data_ptr<float>(), stream());
   MTP_EXT_CHECK_LAUNCH();

@@ -377,6 +377,8 @@ int device_attribute(cudaDeviceAttr attr) {
       return static_cast<int>(kMaxOptinSmem);
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
       return positive_env("CUDA_EMU_SMEM_PER_SM", 233472);
+    case cudaDevAttrL2CacheSize:
+      return positive_env("CUDA_EMU_L2_BYTES", 52428800);
   }
   return 0;
 }
@@ -422,6 +424,12 @@ void check_launch_bounds(int max_threads) {
   if (threads > max_threads)
     fault_here("a block of " + std::to_string(threads) + " threads for a kernel declared with " +
                "__launch_bounds__(" + std::to_string(max_threads) + "): the launch fails on a GPU");
+}
+
+void spin_wait() {
+  fault_here(
+      "a spin-wait (__nanosleep) on work no earlier block has done: blocks run one after another "
+      "here, so it would never end");
 }
 
 void misaligned_load(const void* p, size_t alignment) {

@@ -31,7 +31,9 @@
 //
 // The device: CUDA_EMU_SMS streaming multiprocessors (default 132, an H200), 227 KB of opt-in
 // shared memory per block, CUDA_EMU_SMEM_PER_SM bytes of shared memory per multiprocessor (default
-// 233472, an H100 / H200; an A100 has 167936), which only the kernels' grid sizing reads.
+// 233472, an H100 / H200; an A100 has 167936), which only the kernels' grid sizing reads, and
+// CUDA_EMU_L2_BYTES of L2 cache (default 52428800, an H100 / H200), which only sizing reads.
+// Blocks run one after another, so a block that spin-waits (__nanosleep) on another faults.
 // Launches run synchronously, one at a time (the emulator's state is global: call it from one
 // host thread at a time); streams are ignored.
 #pragma once
@@ -120,6 +122,18 @@ inline T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) cuda_emu::misaligned_load(p, alignof(T));
   return *p;
 }
+template <typename T>
+inline T __ldcg(const T* p) {
+  return __ldg(p);
+}
+// Blocks run one after another and memory is coherent, so a fence has nothing to order.
+inline void __threadfence() {}
+namespace cuda_emu {
+// A thread that backs off in a spin-wait: no other block can run until this one ends, so the
+// wait would never end. On a GPU it could hang too (the awaited work was not started before).
+[[noreturn]] void spin_wait();
+}  // namespace cuda_emu
+inline void __nanosleep(unsigned) { cuda_emu::spin_wait(); }
 
 // ---- Math beyond <cmath> ------------------------------------------------------------------------
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
@@ -162,6 +176,7 @@ enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 }
 enum cudaDeviceAttr : int {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrL2CacheSize = 38,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,

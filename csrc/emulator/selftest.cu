@@ -147,6 +147,14 @@ __global__ void async_copy_to_global_kernel(const int* in, int* out) {
   __pipeline_wait_prior(0);
 }
 
+// Block 0 waits for a flag that block 1 sets: blocks run one after another here, so the wait is
+// reported (on a GPU it hangs unless block 1 is resident).
+__global__ void spin_wait_kernel(int* flag) {
+  if (blockIdx.x == 0 && threadIdx.x == 0)
+    while (*reinterpret_cast<volatile int*>(flag) == 0) __nanosleep(100);
+  if (blockIdx.x == 1 && threadIdx.x == 0) atomicExch(flag, 1);
+}
+
 // ints[i] (float32 bits) -> the float16 bits of mtp_ext::kernels::to_f16, for 512 values.
 __global__ void to_f16_kernel(int* ints) {
   for (int i = threadIdx.x; i < 512; i += blockDim.x)
@@ -210,6 +218,9 @@ std::string run(const char* name, int* ints) {
     async_copy_kernel<<<1, 32>>>(ints + 1, ints + 128, 1);
   } else if (std::strcmp(name, "async_copy_to_global") == 0) {
     async_copy_to_global_kernel<<<1, 32>>>(ints, ints + 128);
+  } else if (std::strcmp(name, "spin_wait") == 0) {
+    ints[0] = 0;
+    spin_wait_kernel<<<2, 32>>>(ints);
   } else if (std::strcmp(name, "to_f16") == 0) {
     to_f16_kernel<<<1, 64>>>(ints);
   } else if (std::strcmp(name, "block_too_large") == 0) {

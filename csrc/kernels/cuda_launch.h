@@ -90,6 +90,21 @@ void launch_marginalize(const void* x, DType dtype, int64_t batch, int64_t paths
                         RowLayout layout, const float* coef, const float* row_max, float* out,
                         cudaStream_t stream);
 
+// marginalize from one read of device memory, in one launch (topk_kernels.cu, the streamed
+// path): the chunk of tokens it would use for these sizes, 0 when it does not apply (the chunks
+// read between a chunk's two uses would not fit half the device's L2); then the sizes of its
+// workspace, and the launch. queue: 2 + 2 * B int32, zeroed before each launch (the launch uses
+// them up); part_max / part_sum: [B * L, marginal_stream_parts(V, chunk)] float32; coef / row_max
+// [B, L] float32 (the plan, as launch_marginal_plan writes it); weights [B, L] float32,
+// contiguous; out as launch_marginalize's.
+int64_t marginal_stream_chunk(int64_t batch, int64_t paths, int64_t vocab, DType dtype);
+int64_t marginal_stream_parts(int64_t vocab, int64_t chunk);
+void launch_marginalize_stream(const void* x, DType dtype, int64_t batch, int64_t paths,
+                               int64_t vocab, RowLayout layout, int64_t chunk,
+                               const float* weights, bool renormalize, int32_t* queue,
+                               float* part_max, float* part_sum, float* coef, float* row_max,
+                               float* out, cudaStream_t stream);
+
 // Second pass of topk_marginalize: the marginal of each chunk computed on the fly (never written),
 // its best m candidates into cand_key/cand_id [B, chunks, m]. Merge with TopkOut::Raw. Batch rows
 // with skip[b] != 0 (skip may be null) are left alone.

@@ -12,12 +12,13 @@ namespace mtp_ext {
 namespace kernels {
 namespace cuda {
 
-// The current device's multiprocessor count, compute capability (major) and shared memory per
-// multiprocessor in bytes; 132, 0 and 0 when the query fails (the failure is cleared: it is not a
-// launch error).
+// The current device's multiprocessor count, compute capability (major), shared memory per
+// multiprocessor and L2 cache in bytes; 132, 0, 0 and 0 when the query fails (the failure is
+// cleared: it is not a launch error).
 int device_sms();
 int device_compute_major();
 int device_smem_per_sm();
+int device_l2_bytes();
 
 // Table rows per tile of the tensor-core kernels (each block takes whole tiles).
 constexpr int kMmaTile = 256;

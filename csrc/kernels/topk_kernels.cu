@@ -9,8 +9,10 @@
 // topk_marginalize reads the logits once when it can prove its answer from that one read (the
 // certified path, below); rows it cannot prove take a second pass that computes the marginal of
 // each chunk on the fly from the row statistics. The [B, V] marginal is never written.
+#include <algorithm>
+
 #include "cuda_common.cuh"
-#include "mma_launch.h"  // device_sms
+#include "mma_launch.h"  // device_sms, device_l2_bytes
 
 namespace mtp_ext {
 namespace kernels {
@@ -18,6 +20,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kStreamBlocksPerSm = 3;  // marginalize_stream_kernel's blocks per multiprocessor
+constexpr int64_t kStreamMinChunk = 1024;
 
 // Shared state of the partial kernels.
 struct PartialShared {
@@ -206,6 +210,13 @@ __global__ void topk_from_sorted_kernel(int64_t rows, int k, const int32_t* __re
   }
 }
 
+// A path's coefficient: its weight (divided by the row's total when asked; an all-zero row gives
+// zeros) over its softmax normalizer.
+__device__ __forceinline__ float plan_coef(float w, float total, float sum, bool renormalize) {
+  if (renormalize) w = total > 0.0f ? w / total : 0.0f;
+  return w / sum;
+}
+
 // Weights and statistics into per-(b, l) coefficients; one thread per batch row, summing the
 // weights in order as the CPU kernel does.
 __global__ void marginal_plan_kernel(int64_t batch, int64_t paths, int64_t chunks,
@@ -222,9 +233,7 @@ __global__ void marginal_plan_kernel(int64_t batch, int64_t paths, int64_t chunk
     Stats st = stats_empty();
     for (int64_t c = 0; c < chunks; ++c)
       st = stats_merge(st, Stats{part_max[r * chunks + c], part_sum[r * chunks + c]}, 1.0f);
-    float w = weights[r];
-    if (renormalize) w = total > 0.0f ? w / total : 0.0f;
-    coef[r] = w / st.sum;
+    coef[r] = plan_coef(weights[r], total, st.sum, renormalize);
     row_max[r] = st.max;
   }
 }
@@ -247,13 +256,155 @@ __global__ void __launch_bounds__(kThreads) marginalize_kernel(
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
         const int64_t i = begin + j * kThreads + threadIdx.x;
-        if (i < vocab) acc[j] += c * expf(load_f(p + i * layout.v_stride) - mx);
+        if (i < vocab) acc[j] = marginal_term(c, load_f(p + i * layout.v_stride), mx, acc[j]);
       }
     }
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
       const int64_t i = begin + j * kThreads + threadIdx.x;
       if (i < vocab) out[b * vocab + i] = acc[j];
+    }
+  }
+}
+
+// ---- marginalize from one read of device memory (the streamed path) ----------------------------
+// One persistent launch. Its work is 2 * B * C items, C chunks of `chunk` tokens per batch row
+// (all paths of the row): the chunk's softmax statistics (phase 1), then, once its row's
+// statistics are all in, the chunk's marginal (phase 2). Blocks claim items from a queue, in an
+// order that puts each chunk's phase 2 `lag` claims after its phase 1: the chunk is read again
+// while it is still in L2, so device memory is read once. The block whose phase-1 item completes
+// a row merges the row's statistics into the plan (coef, row_max) and publishes it (ready[b]).
+// A phase-2 item waits only on phase-1 items claimed before it (lag >= C), which running blocks
+// hold, so no block waits on a block that has not started.
+
+using Claim = unsigned long long;  // the queue's counter (atomicAdd's 64-bit type)
+
+struct StreamItem {
+  bool stats;     // phase 1 (statistics) or phase 2 (marginal)
+  int64_t index;  // b * C + c
+};
+
+// The k-th claim: phase 1 of items 0 .. lag - 1, then phase 2 of item i and phase 1 of item
+// lag + i in turn, then the last lag items' phase 2.
+__device__ __forceinline__ StreamItem stream_item(int64_t k, int64_t n1, int64_t lag) {
+  if (k < lag) return {true, k};
+  const int64_t j = k - lag, pairs = n1 - lag;
+  if (j < 2 * pairs) return j % 2 == 0 ? StreamItem{false, j / 2} : StreamItem{true, lag + j / 2};
+  return {false, pairs + (j - 2 * pairs)};
+}
+
+// Phase 1: each warp's statistics of its share of the chunk, per path, into
+// part_*[(b * L + l) * C + c][warp]. Loads are from L1-bypassing global memory as usual.
+template <typename T>
+__device__ __forceinline__ void stream_stats(const T* __restrict__ x, int64_t b, int64_t c,
+                                             int64_t chunks, int64_t paths, RowLayout layout,
+                                             int64_t begin, int n, float* __restrict__ part_max,
+                                             float* __restrict__ part_sum) {
+  constexpr int kWarps = kThreads / kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int64_t l = 0; l < paths; ++l) {
+    const int64_t r = b * paths + l;
+    const T* p = x + row_offset(layout, r) + begin * layout.v_stride;
+    Stats st = stats_empty();
+    block_for_each<kThreads>(p, n, layout.v_stride, [&](int, float v) { stats_add(st, v, 1.0f); });
+    st = warp_stats(st, 1.0f);
+    if (lane == 0) {
+      part_max[(r * chunks + c) * kWarps + warp] = st.max;
+      part_sum[(r * chunks + c) * kWarps + warp] = st.sum;
+    }
+  }
+}
+
+// The plan of batch row b from its C * 8 partial statistics per path (one warp per path; written
+// by other blocks, so read from L2).
+__device__ __forceinline__ void stream_plan(int64_t b, int64_t chunks, int64_t paths,
+                                            const float* __restrict__ part_max,
+                                            const float* __restrict__ part_sum,
+                                            const float* __restrict__ weights, bool renormalize,
+                                            float* __restrict__ coef, float* __restrict__ row_max) {
+  constexpr int kWarps = kThreads / kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t parts = chunks * kWarps;
+  for (int64_t l = warp; l < paths; l += kWarps) {
+    const int64_t r = b * paths + l;
+    Stats st = stats_empty();
+    for (int64_t j = lane; j < parts; j += kWarp)
+      st = stats_merge(st, Stats{__ldcg(part_max + r * parts + j), __ldcg(part_sum + r * parts + j)},
+                       1.0f);
+    st = warp_stats(st, 1.0f);
+    if (lane == 0) {
+      float total = 0.0f;  // in path order, as the CPU kernel sums
+      for (int64_t q = 0; q < paths; ++q) total += weights[b * paths + q];
+      coef[r] = plan_coef(weights[r], total, st.sum, renormalize);
+      row_max[r] = st.max;
+    }
+  }
+}
+
+// Phase 2: out[b, begin .. begin + n) from the published plan.
+template <typename T>
+__device__ __forceinline__ void stream_marginal(const T* __restrict__ x, int64_t b, int64_t paths,
+                                                int64_t vocab, RowLayout layout, int64_t begin,
+                                                int n, const float* __restrict__ coef,
+                                                const float* __restrict__ row_max, float* s_acc,
+                                                float* __restrict__ out) {
+  // Each thread zeroes and then accumulates the same elements (block_for_each hands group g of
+  // eight to thread g % kThreads on every path), so the paths need no barrier between them.
+  for (int g = threadIdx.x; g * 8 < n; g += kThreads)
+    for (int j = 0; j < 8 && g * 8 + j < n; ++j) s_acc[g * 8 + j] = 0.0f;
+  for (int64_t l = 0; l < paths; ++l) {
+    const int64_t r = b * paths + l;
+    const float c = __ldcg(coef + r);
+    if (c == 0.0f) continue;  // as the CPU kernel: a zero weight adds nothing, even to NaN
+    const float mx = __ldcg(row_max + r);
+    const T* p = x + row_offset(layout, r) + begin * layout.v_stride;
+    block_for_each<kThreads>(p, n, layout.v_stride, [&](int i, float v) {
+      s_acc[i] = marginal_term(c, v, mx, s_acc[i]);
+    });
+  }
+  __syncthreads();  // written out in consecutive order
+  for (int i = threadIdx.x; i < n; i += kThreads) out[b * vocab + begin + i] = s_acc[i];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kStreamBlocksPerSm) marginalize_stream_kernel(
+    const T* __restrict__ x, int64_t batch, int64_t paths, int64_t vocab, RowLayout layout,
+    int chunk, int64_t lag, int64_t per_block, const float* __restrict__ weights,
+    bool renormalize, Claim* next, int* arrived, int* ready,
+    float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ coef,
+    float* __restrict__ row_max, float* __restrict__ out) {
+  extern __shared__ float s_acc[];  // [chunk]
+  __shared__ Claim s_claim;
+  __shared__ int s_last;
+  const int64_t chunks = (vocab + chunk - 1) / chunk, n1 = batch * chunks;
+  for (int64_t taken = 0; taken < per_block; ++taken) {
+    __syncthreads();  // s_claim, s_last and s_acc are free again
+    if (threadIdx.x == 0) s_claim = atomicAdd(next, Claim{1});
+    __syncthreads();
+    if (s_claim >= static_cast<Claim>(2 * n1)) return;
+    const StreamItem item = stream_item(static_cast<int64_t>(s_claim), n1, lag);
+    const int64_t b = item.index / chunks, c = item.index % chunks, begin = c * chunk;
+    const int n = static_cast<int>(vocab - begin < chunk ? vocab - begin : chunk);
+    if (!item.stats) {
+      if (threadIdx.x == 0) {
+        while (*reinterpret_cast<volatile int*>(ready + b) == 0) __nanosleep(200);
+        __threadfence();  // the plan is read after the flag
+      }
+      __syncthreads();
+      stream_marginal(x, b, paths, vocab, layout, begin, n, coef, row_max, s_acc, out);
+      continue;
+    }
+    stream_stats(x, b, c, chunks, paths, layout, begin, n, part_max, part_sum);
+    __threadfence();  // the partials are visible before the arrival is counted
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(arrived + b, 1) == static_cast<int>(chunks - 1);
+    __syncthreads();
+    if (s_last) {  // the row's last chunk: plan the row and publish it
+      __threadfence();
+      stream_plan(b, chunks, paths, part_max, part_sum, weights, renormalize, coef, row_max);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) atomicExch(ready + b, 1);
     }
   }
 }
@@ -497,6 +648,16 @@ unsigned grid_y(int64_t rows) {
   return static_cast<unsigned>(rows < kMaxGridY ? (rows > 0 ? rows : 1) : kMaxGridY);
 }
 
+// The streamed marginalize's grid: the blocks resident at once.
+int64_t stream_capacity() { return static_cast<int64_t>(kStreamBlocksPerSm) * device_sms(); }
+
+// Claims between a chunk's phase 1 and its phase 2: at least a row (so that a row's phase 1 is
+// all claimed before its phase 2), plus half the resident blocks so that the row's last phase-1
+// items are likely done when its phase 2 is claimed; at most every item.
+int64_t stream_lag(int64_t batch, int64_t chunks, int64_t capacity) {
+  return std::min<int64_t>(batch * chunks, chunks + capacity / 2);
+}
+
 }  // namespace
 
 void launch_topk_partial(const void* x, DType dtype, int64_t rows, int64_t vocab, RowLayout layout,
@@ -572,6 +733,49 @@ void launch_marginalize(const void* x, DType dtype, int64_t batch, int64_t paths
     using T = decltype(tag);
     marginalize_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), batch, paths,
                                                         vocab, layout, coef, row_max, out);
+  });
+}
+
+int64_t marginal_stream_chunk(int64_t batch, int64_t paths, int64_t vocab, DType dtype) {
+  if (batch < 1 || paths < 1 || vocab < 1) return 0;
+  const int64_t l2 = device_l2_bytes(), blocks = stream_capacity();
+  const int64_t elem = dtype == DType::F32 ? 4 : 2;
+  // The largest chunk whose lag fits half the L2 (the rest: other traffic, and the
+  // L2's halves), with enough items for the grid; 0 when not even kStreamMinChunk fits.
+  for (int64_t chunk = kTopkChunk; chunk >= kStreamMinChunk; chunk /= 2) {
+    const int64_t chunks = topk_chunks_of(vocab, chunk);
+    const int64_t lag = stream_lag(batch, chunks, blocks);
+    if (lag * paths * chunk * elem > l2 / 2) continue;
+    if (2 * batch * chunks >= blocks || chunk == kStreamMinChunk) return chunk;
+  }
+  return 0;
+}
+
+int64_t marginal_stream_parts(int64_t vocab, int64_t chunk) {
+  return topk_chunks_of(vocab, chunk) * (kThreads / kWarp);
+}
+
+void launch_marginalize_stream(const void* x, DType dtype, int64_t batch, int64_t paths,
+                               int64_t vocab, RowLayout layout, int64_t chunk,
+                               const float* weights, bool renormalize, int32_t* queue,
+                               float* part_max, float* part_sum, float* coef, float* row_max,
+                               float* out, cudaStream_t stream) {
+  if (batch == 0 || vocab == 0) return;
+  const int64_t chunks = topk_chunks_of(vocab, chunk), n1 = batch * chunks;
+  const int64_t capacity = stream_capacity();
+  const int64_t blocks = std::min<int64_t>(2 * n1, capacity);
+  const int64_t lag = stream_lag(batch, chunks, capacity);
+  const int64_t per_block = ceil_div(2 * n1, blocks);
+  auto* next = reinterpret_cast<Claim*>(queue);
+  int* arrived = queue + 2;
+  int* ready = arrived + batch;
+  const size_t smem = static_cast<size_t>(chunk) * sizeof(float);
+  dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    marginalize_stream_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        static_cast<const T*>(x), batch, paths, vocab, layout, static_cast<int>(chunk), lag,
+        per_block, weights, renormalize, next, arrived, ready, part_max, part_sum, coef, row_max,
+        out);
   });
 }
 

@@ -215,37 +215,28 @@ int64_t tiles_per_block(int64_t vocab, int64_t chunks, int tile) {
 
 }  // namespace
 
-int device_sms() {
-  int device = 0, sms = 0;
+namespace {
+
+// An attribute of the current device, or `fallback` when the query fails or gives less than 1
+// (the failure is cleared: a failed query is not a launch error).
+int device_attribute_or(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      sms <= 0) {
-    cudaGetLastError();  // a failed query is not a launch error
-    return 132;
+      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess || value < 1) {
+    cudaGetLastError();
+    return fallback;
   }
-  return sms;
+  return value;
 }
 
+}  // namespace
+
+int device_sms() { return device_attribute_or(cudaDevAttrMultiProcessorCount, 132); }
+int device_l2_bytes() { return device_attribute_or(cudaDevAttrL2CacheSize, 0); }
 int device_smem_per_sm() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return bytes;
+  return device_attribute_or(cudaDevAttrMaxSharedMemoryPerMultiprocessor, 0);
 }
-
-int device_compute_major() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return major;
-}
+int device_compute_major() { return device_attribute_or(cudaDevAttrComputeCapabilityMajor, 0); }
 
 bool unembed_topk_fits(int64_t rows, int64_t depth, const void* w, DType dtype,
                        int64_t w_row_stride, int64_t vocab, int k) {
