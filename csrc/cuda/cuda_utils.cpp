@@ -66,7 +66,7 @@ void row_topk(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout la
                           reinterpret_cast<const uint32_t*>(cand_key.const_data_ptr<int32_t>()),
                           cand_id.const_data_ptr<int32_t>(), mode, scale, val,
                           out_id.data_ptr<int64_t>(),
-                          row_max.defined() ? row_max.data_ptr<float>() : nullptr, nullptr, s);
+                          data_or_null<float>(row_max), nullptr, s);
     MTP_EXT_CHECK_LAUNCH();
     return;
   }
@@ -133,7 +133,7 @@ bool unembed_topk(const at::Tensor& z_in, const at::Tensor& table, int64_t k, kc
       kk, chunks, stats ? part_max.data_ptr<float>() : nullptr,
       stats ? part_sum.data_ptr<float>() : nullptr,
       reinterpret_cast<uint32_t*>(cand_key.data_ptr<int32_t>()), cand_id.data_ptr<int32_t>(),
-      scratch.defined() ? scratch.data_ptr() : nullptr, s);
+      data_or_null(scratch), s);
   MTP_EXT_CHECK_LAUNCH();
   kc::launch_topk_merge(rows, chunks, kk, stats ? part_max.const_data_ptr<float>() : nullptr,
                         stats ? part_sum.const_data_ptr<float>() : nullptr,
@@ -167,7 +167,7 @@ at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table) {
       af);
   kc::launch_rows_dot_table(af.const_data_ptr<float>(), rows, depth, depth, 0, w.const_data_ptr(),
                             dtype, n, w.stride(0), 0, out.data_ptr<float>(), n, 0, 1,
-                            scratch.defined() ? scratch.data_ptr() : nullptr, stream());
+                            data_or_null(scratch), stream());
   MTP_EXT_CHECK_LAUNCH();
   return out;
 }

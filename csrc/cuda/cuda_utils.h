@@ -57,6 +57,17 @@ bool unembed_topk(const at::Tensor& z, const at::Tensor& table, int64_t k, kc::T
 // A device buffer of `bytes` bytes on `like`'s device for a kernel's workspace (undefined for 0).
 at::Tensor workspace(size_t bytes, const at::Tensor& like);
 
+// The data of an optional tensor (an input, an output or a workspace), null where undefined.
+inline void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+template <typename T>
+const T* const_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
 // out[rows, N] (float32) = a[rows, K] (float32) . table[N, K]^T, the table read in its own dtype.
 at::Tensor rows_dot(const at::Tensor& a, const at::Tensor& table);
 

@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
       kc::launch_rows_dot_table(x.const_data_ptr<float>(), n, depth, depth, 0, w.const_data_ptr(),
                                 dtype, depth, depth, depth * depth, y.data_ptr<float>(),
                                 heads * depth, depth, heads,
-                                scratch.defined() ? scratch.data_ptr() : nullptr, stream());
+                                data_or_null(scratch), stream());
       MTP_EXT_CHECK_LAUNCH();
     }
   } else {
@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
   if (bias.has_value()) b = bias->to(at::kFloat).contiguous();
   if (norm_weight.has_value()) nw = norm_weight->to(at::kFloat).contiguous();
   kc::launch_head_features(x.const_data_ptr<float>(), y.const_data_ptr<float>(),
-                           b.defined() ? b.const_data_ptr<float>() : nullptr,
-                           nw.defined() ? nw.const_data_ptr<float>() : nullptr,
+                           const_data_or_null<float>(b),
+                           const_data_or_null<float>(nw),
                            static_cast<float>(eps), n, heads, depth, y.data_ptr<float>(), stream());
   MTP_EXT_CHECK_LAUNCH();
 

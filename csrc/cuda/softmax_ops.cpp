@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_
       std::tie(coef, row_max) = plan_mixture(next_logits, weights, renormalize);
     }
     const auto i32 = next_logits.options().dtype(at::kInt);
-    const int32_t* skip = done.defined() ? done.const_data_ptr<int32_t>() : nullptr;
+    const int32_t* skip = const_data_or_null<int32_t>(done);
     at::Tensor cand_key = at::empty({b, chunks, m}, i32);
     at::Tensor cand_id = at::empty({b, chunks, m}, i32);
     kc::launch_marginal_topk_partial(
