@@ -294,7 +294,7 @@ __device__ __forceinline__ StreamItem stream_item(int64_t k, int64_t n1, int64_t
 }
 
 // Phase 1: each warp's statistics of its share of the chunk, per path, into
-// part_*[(b * L + l) * C + c][warp]. Loads are from L1-bypassing global memory as usual.
+// part_*[(b * L + l) * C + c][warp].
 template <typename T>
 __device__ __forceinline__ void stream_stats(const T* __restrict__ x, int64_t b, int64_t c,
                                              int64_t chunks, int64_t paths, RowLayout layout,
@@ -394,17 +394,23 @@ __global__ void __launch_bounds__(kThreads, kStreamBlocksPerSm) marginalize_stre
       stream_marginal(x, b, paths, vocab, layout, begin, n, coef, row_max, s_acc, out);
       continue;
     }
+    // The fences around the counter and the flag follow cooperative groups' grid barrier: the
+    // block's writes, then a barrier, then one thread's fence and atomic.
     stream_stats(x, b, c, chunks, paths, layout, begin, n, part_max, part_sum);
-    __threadfence();  // the partials are visible before the arrival is counted
     __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(arrived + b, 1) == static_cast<int>(chunks - 1);
+    if (threadIdx.x == 0) {
+      __threadfence();  // the block's partials are visible before its arrival is counted
+      s_last = atomicAdd(arrived + b, 1) == static_cast<int>(chunks - 1);
+      __threadfence();  // and the other blocks' partials are read after it
+    }
     __syncthreads();
     if (s_last) {  // the row's last chunk: plan the row and publish it
-      __threadfence();
       stream_plan(b, chunks, paths, part_max, part_sum, weights, renormalize, coef, row_max);
-      __threadfence();
       __syncthreads();
-      if (threadIdx.x == 0) atomicExch(ready + b, 1);
+      if (threadIdx.x == 0) {
+        __threadfence();  // the plan is visible before the flag
+        atomicExch(ready + b, 1);
+      }
     }
   }
 }
