@@ -82,6 +82,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> answer_from_one_read(
   return {coef, row_max, done};
 }
 
+// marginalize's streamed path (cuda_launch.h): out[B, V] in one launch that reads the logits from
+// device memory once, in chunks of `chunk` tokens (the workspace's counters zeroed by one fill).
+void marginal_from_one_read(const at::Tensor& next_logits, const at::Tensor& weights,
+                            bool renormalize, int64_t chunk, at::Tensor& out) {
+  const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
+  const auto f32 = next_logits.options().dtype(at::kFloat);
+  const at::Tensor w = weights.to(at::kFloat).contiguous();
+  at::Tensor queue = at::zeros({2 + 2 * b}, next_logits.options().dtype(at::kInt));
+  const int64_t parts = kc::marginal_stream_parts(vocab, chunk);
+  at::Tensor part_max = at::empty({b * l, parts}, f32), part_sum = at::empty({b * l, parts}, f32);
+  at::Tensor coef = at::empty({b, l}, f32), row_max = at::empty({b, l}, f32);
+  kc::launch_marginalize_stream(
+      next_logits.const_data_ptr(), storage_type(next_logits), b, l, vocab,
+      batch_rows_layout(next_logits), chunk, w.const_data_ptr<float>(), renormalize,
+      queue.data_ptr<int32_t>(), part_max.data_ptr<float>(), part_sum.data_ptr<float>(),
+      coef.data_ptr<float>(), row_max.data_ptr<float>(), out.data_ptr<float>(), stream());
+  MTP_EXT_CHECK_LAUNCH();
+}
+
 at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bool renormalize) {
   const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
   at::Tensor out = at::empty({b, vocab}, next_logits.options().dtype(at::kFloat));
@@ -89,20 +108,7 @@ at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bo
   if (l == 0) return out.zero_();
   const kc::DType dtype = storage_type(next_logits);
   if (const int64_t chunk = kc::marginal_stream_chunk(b, l, vocab, dtype); chunk > 0) {
-    // One launch that reads the logits from device memory once (the workspace's counters are
-    // zeroed by one fill).
-    const auto f32 = next_logits.options().dtype(at::kFloat);
-    const at::Tensor w = weights.to(at::kFloat).contiguous();
-    at::Tensor queue = at::zeros({2 + 2 * b}, next_logits.options().dtype(at::kInt));
-    const int64_t parts = kc::marginal_stream_parts(vocab, chunk);
-    at::Tensor part_max = at::empty({b * l, parts}, f32), part_sum = at::empty({b * l, parts}, f32);
-    at::Tensor coef = at::empty({b, l}, f32), row_max = at::empty({b, l}, f32);
-    kc::launch_marginalize_stream(
-        next_logits.const_data_ptr(), dtype, b, l, vocab, batch_rows_layout(next_logits), chunk,
-        w.const_data_ptr<float>(), renormalize, queue.data_ptr<int32_t>(),
-        part_max.data_ptr<float>(), part_sum.data_ptr<float>(), coef.data_ptr<float>(),
-        row_max.data_ptr<float>(), out.data_ptr<float>(), stream());
-    MTP_EXT_CHECK_LAUNCH();
+    marginal_from_one_read(next_logits, weights, renormalize, chunk, out);
     return out;
   }
   const auto [coef, row_max] = plan_mixture(next_logits, weights, renormalize);

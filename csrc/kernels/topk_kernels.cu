@@ -210,6 +210,13 @@ __global__ void topk_from_sorted_kernel(int64_t rows, int k, const int32_t* __re
   }
 }
 
+// The weights of batch row b summed in path order, as the CPU kernel sums them.
+__device__ __forceinline__ float weight_total(const float* weights, int64_t b, int64_t paths) {
+  float total = 0.0f;
+  for (int64_t l = 0; l < paths; ++l) total += weights[b * paths + l];
+  return total;
+}
+
 // A path's coefficient: its weight (divided by the row's total when asked; an all-zero row gives
 // zeros) over its softmax normalizer.
 __device__ __forceinline__ float plan_coef(float w, float total, float sum, bool renormalize) {
@@ -226,8 +233,7 @@ __global__ void marginal_plan_kernel(int64_t batch, int64_t paths, int64_t chunk
                                      float* __restrict__ coef, float* __restrict__ row_max) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= batch) return;
-  float total = 0.0f;
-  for (int64_t l = 0; l < paths; ++l) total += weights[b * paths + l];
+  const float total = weight_total(weights, b, paths);
   for (int64_t l = 0; l < paths; ++l) {
     const int64_t r = b * paths + l;
     Stats st = stats_empty();
@@ -333,9 +339,7 @@ __device__ __forceinline__ void stream_plan(int64_t b, int64_t chunks, int64_t p
                        1.0f);
     st = warp_stats(st, 1.0f);
     if (lane == 0) {
-      float total = 0.0f;  // in path order, as the CPU kernel sums
-      for (int64_t q = 0; q < paths; ++q) total += weights[b * paths + q];
-      coef[r] = plan_coef(weights[r], total, st.sum, renormalize);
+      coef[r] = plan_coef(weights[r], weight_total(weights, b, paths), st.sum, renormalize);
       row_max[r] = st.max;
     }
   }
