@@ -32,7 +32,7 @@
 // The device: CUDA_EMU_SMS streaming multiprocessors (default 132, an H200), 227 KB of opt-in
 // shared memory per block, CUDA_EMU_SMEM_PER_SM bytes of shared memory per multiprocessor (default
 // 233472, an H100 / H200; an A100 has 167936), which only the kernels' grid sizing reads, and
-// CUDA_EMU_L2_BYTES of L2 cache (default 52428800, an H100 / H200), which only sizing reads.
+// CUDA_EMU_L2_BYTES of L2 cache (default 52428800, an H100 SXM's), which only sizing reads.
 // Blocks run one after another, so a block that spin-waits (__nanosleep) on another faults.
 // Launches run synchronously, one at a time (the emulator's state is global: call it from one
 // host thread at a time); streams are ignored.
