@@ -85,27 +85,33 @@ void check_topk_marginalize(const at::Tensor& next_logits, const at::Tensor& wei
   check_k(m, next_logits.size(2), op, "m");
 }
 
-void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
+void check_fused_mtp_heads(const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
                            int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
                            const c10::optional<at::Tensor>& vocab_ids) {
   const char* op = "mtp_ext.fused_mtp_heads";
   check_floating(hidden, op, "hidden");
-  check_floating(weight, op, "weight");
   check_floating(lm_head, op, "lm_head");
   check_dims(hidden, 2, "[N, D]", op, "hidden");
-  check_dims(weight, 3, "[H, D, D]", op, "weight");
   check_dims(lm_head, 2, "[V, D]", op, "lm_head");
   const int64_t d = hidden.size(1);
-  check_size(weight, 1, d, op, "weight", "D");
-  check_size(weight, 2, d, op, "weight", "D");
   check_size(lm_head, 1, d, op, "lm_head", "D");
-  check_same_device(hidden, weight, op, "hidden", "weight");
   check_same_device(hidden, lm_head, op, "hidden", "lm_head");
+  if (weight.has_value()) {
+    check_floating(*weight, op, "weight");
+    check_dims(*weight, 3, "[H, D, D]", op, "weight");
+    check_size(*weight, 1, d, op, "weight", "D");
+    check_size(*weight, 2, d, op, "weight", "D");
+    check_same_device(hidden, *weight, op, "hidden", "weight");
+  }
   if (bias.has_value()) {
+    TORCH_CHECK_VALUE(weight.has_value(), op,
+                      ": bias must be None when weight is None (a head without a residual "
+                      "block), got bias of shape ",
+                      shape_str(*bias));
     check_floating(*bias, op, "bias");
     check_dims(*bias, 2, "[H, D]", op, "bias");
-    check_size(*bias, 0, weight.size(0), op, "bias", "H");
+    check_size(*bias, 0, weight->size(0), op, "bias", "H");
     check_size(*bias, 1, d, op, "bias", "D");
     check_same_device(hidden, *bias, op, "hidden", "bias");
   }
@@ -118,6 +124,10 @@ void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
     check_size(*vocab_ids, 0, lm_head.size(0), op, "vocab_ids", "V (the rows of lm_head)");
     check_same_device(hidden, *vocab_ids, op, "hidden", "vocab_ids");
   }
+}
+
+int64_t num_heads(const c10::optional<at::Tensor>& weight) {
+  return weight.has_value() ? weight->size(0) : 1;
 }
 
 void check_small_batch_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -254,11 +264,12 @@ std::tuple<at::Tensor, at::Tensor> prepare_softmax_topk(const at::Tensor& logits
 }
 
 std::tuple<at::Tensor, at::Tensor> prepare_fused_mtp_heads(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
-    double eps, const c10::optional<at::Tensor>& vocab_ids) {
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head, int64_t k,
+    const c10::optional<at::Tensor>& norm_weight, double eps,
+    const c10::optional<at::Tensor>& vocab_ids) {
   check_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
-  return topk_outputs(hidden, {hidden.size(0), weight.size(0), k});
+  return topk_outputs(hidden, {hidden.size(0), num_heads(weight), k});
 }
 
 void check_tree_values(const at::Tensor& parents, const char* op) {

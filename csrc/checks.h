@@ -25,10 +25,13 @@ void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::T
 void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature);
 void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op);
 void check_topk_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, int64_t m);
-void check_fused_mtp_heads(const at::Tensor& hidden, const at::Tensor& weight,
+// weight None: one head without a residual block (bias must then be None).
+void check_fused_mtp_heads(const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head,
                            int64_t k, const c10::optional<at::Tensor>& norm_weight, double eps,
                            const c10::optional<at::Tensor>& vocab_ids);
+// The heads fused_mtp_heads computes: weight's H, or 1 without weight.
+int64_t num_heads(const c10::optional<at::Tensor>& weight);
 void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents,
                        const at::Tensor& target_logits, double temperature, int64_t top_k,
                        double top_p, const c10::optional<at::Tensor>& uniforms);
@@ -46,13 +49,15 @@ void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
                       const at::Tensor& num_accepted, int64_t prefix_len);
 
 // The prologue both backends share: check the arguments, then return the uninitialized outputs
-// (values float32, ids int64): softmax_topk's [..., k], fused_mtp_heads' [N, H, k].
+// (values float32, ids int64): softmax_topk's [..., k], fused_mtp_heads' [N, H, k] ([N, 1, k]
+// without weight).
 std::tuple<at::Tensor, at::Tensor> prepare_softmax_topk(const at::Tensor& logits, int64_t k,
                                                         double temperature);
 std::tuple<at::Tensor, at::Tensor> prepare_fused_mtp_heads(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
-    double eps, const c10::optional<at::Tensor>& vocab_ids);
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head, int64_t k,
+    const c10::optional<at::Tensor>& norm_weight, double eps,
+    const c10::optional<at::Tensor>& vocab_ids);
 
 // Host-side value checks (read the tensors; CPU launchers only).
 void check_tree_values(const at::Tensor& parents_cpu_contiguous, const char* op);

@@ -22,8 +22,9 @@ TORCH_LIBRARY(mtp_ext, m) {
       "topk_marginalize(Tensor next_logits, Tensor weights, int m, bool renormalize=True) -> "
       "(Tensor, Tensor)");
   // H residual heads through the shared lm_head, top-k log-softmax per head, one pass over lm_head.
+  // Without weight: one head that is the final norm and the unembedding alone ([N, 1, k]).
   m.def(
-      "fused_mtp_heads(Tensor hidden, Tensor weight, Tensor? bias, Tensor lm_head, int k, "
+      "fused_mtp_heads(Tensor hidden, Tensor? weight, Tensor? bias, Tensor lm_head, int k, "
       "Tensor? norm_weight=None, float eps=1e-6, Tensor? vocab_ids=None) -> (Tensor, Tensor)");
   // Greedy or sampled tree verification: (num_accepted[B], tokens[B, T], path[B, T]), all i64.
   m.def(

@@ -91,7 +91,7 @@ def topk_marginalize(
 
 def fused_mtp_heads(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lm_head: torch.Tensor,
     k: int,
@@ -106,6 +106,11 @@ def fused_mtp_heads(
     log-softmax values and ids. All heads and rows share one pass over ``lm_head``, and the
     ``[N, H, V]`` logits are never written.
 
+    With ``weight=None`` there is one head and no residual block: ``z = x`` (then the RMSNorm when
+    ``norm_weight`` is given), so the op is the final norm, the unembedding and the top-``k`` of
+    heads that compute their own features: ``fused_mtp_heads(z, None, None, lm_head, k,
+    norm_weight, eps, vocab_ids)`` returns ``[N, 1, k]``.
+
     Precision: ``z`` is float32 and products accumulate in float32. On CUDA with float16 or
     bfloat16 weights on compute capability 8.0 or newer (and ``D`` a multiple of 8), the heads'
     blocks and the unembedding run on tensor cores with their float32 inputs split into two 16-bit
@@ -114,8 +119,9 @@ def fused_mtp_heads(
 
     Args:
         hidden: ``[N, D]`` float32, float16 or bfloat16.
-        weight: ``[H, D, D]`` (``nn.Linear`` layout: output x input).
-        bias: ``[H, D]`` or None.
+        weight: ``[H, D, D]`` (``nn.Linear`` layout: output x input), or None for one head
+            without a residual block.
+        bias: ``[H, D]`` or None; must be None when ``weight`` is None.
         lm_head: ``[V, D]`` the model's output embedding.
         k: ``1 <= k <= V``.
         norm_weight: ``[D]`` or None (the model's final RMSNorm weight).
@@ -125,7 +131,8 @@ def fused_mtp_heads(
             of row ``j``: the softmax runs over those rows, the cost falls with their number, and
             the returned ids are full-vocabulary ids.
     Returns:
-        ``logprobs[N, H, k]`` float32, descending, and ``ids[N, H, k]`` int64.
+        ``logprobs[N, H, k]`` float32, descending, and ``ids[N, H, k]`` int64 (``H = 1`` without
+        ``weight``).
     """
     return _ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids)
 
@@ -308,7 +315,7 @@ def _topk_marginalize_fake(next_logits, weights, m, renormalize=True):
 def _fused_mtp_heads_fake(
     hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6, vocab_ids=None
 ):
-    shape = (hidden.shape[0], weight.shape[0], k)
+    shape = (hidden.shape[0], 1 if weight is None else weight.shape[0], k)
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.long)
 
 

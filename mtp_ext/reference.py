@@ -100,7 +100,7 @@ def topk_marginalize(
 
 def head_features(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
@@ -108,13 +108,19 @@ def head_features(
     """The features each residual head feeds to the unembedding.
 
     ``z = x + SiLU(x @ weight[h].T + bias[h])``, then ``RMSNorm(z, eps) * norm_weight`` if given.
+    Without ``weight``: one head with ``z = x``, then the RMSNorm if given.
 
     Args:
-        hidden: ``[N, D]``; weight: ``[H, D, D]``; bias: ``[H, D]`` or None; norm_weight: ``[D]``.
+        hidden: ``[N, D]``; weight: ``[H, D, D]`` or None; bias: ``[H, D]`` or None (always None
+        without weight); norm_weight: ``[D]``.
     Returns:
-        ``[N, H, D]`` float32.
+        ``[N, H, D]`` float32 (``H = 1`` without weight).
     """
     x = hidden.float()
+    if weight is None:
+        if bias is not None:
+            raise ValueError("bias must be None when weight is None")
+        return final_norm(x.unsqueeze(1), norm_weight, eps)
     w = weight.float()
     y = torch.einsum("nd,hed->nhe", x, w)
     if bias is not None:
@@ -125,7 +131,7 @@ def head_features(
 
 def fused_mtp_heads(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lm_head: torch.Tensor,
     k: int,
@@ -139,17 +145,19 @@ def fused_mtp_heads(
     log-softmax and top-k.
 
     Args:
-        hidden: ``[N, D]``; weight: ``[H, D, D]``; bias: ``[H, D]`` or None; lm_head: ``[V, D]``;
+        hidden: ``[N, D]``; weight: ``[H, D, D]``, or None for one head without a residual block
+        (``z = x``); bias: ``[H, D]`` or None (always None without weight); lm_head: ``[V, D]``;
         k: ``1 <= k <= V``; norm_weight: ``[D]`` or None; eps: RMSNorm epsilon;
         vocab_ids: ``[V]`` int64 or None: the token id of each row of ``lm_head`` (a draft
         vocabulary); the softmax runs over these rows only and returned ids are mapped through it.
     Returns:
-        ``logprobs[N, H, k]`` float32 (descending) and ``ids[N, H, k]`` int64.
+        ``logprobs[N, H, k]`` float32 (descending) and ``ids[N, H, k]`` int64 (``H = 1`` without
+        weight).
     """
     z = head_features(hidden, weight, bias, norm_weight, eps)
     table = lm_head.float()
     logprobs, ids = [], []
-    for h in range(weight.shape[0]):
+    for h in range(z.shape[1]):
         logits = z[:, h] @ table.T
         _, top = stable_topk(logits, k)
         logprobs.append(torch.log_softmax(logits, dim=-1).gather(-1, top))

@@ -52,19 +52,19 @@ def topk_marginalize(next_logits=None, weights=None, m=3):
 
 
 def heads(
-    hidden=None, weight=None, bias=..., lm_head=None, k=3, norm_weight=..., eps=1e-6, vocab_ids=None
+    hidden=None, weight=..., bias=..., lm_head=None, k=3, norm_weight=..., eps=1e-6, vocab_ids=None
 ):
     n, h, d, v = 2, 3, 4, 10
     args = {
         "hidden": z(n, d) if hidden is None else hidden,
-        "weight": z(h, d, d) if weight is None else weight,
+        "weight": z(h, d, d) if weight is ... else weight,
         "bias": z(h, d) if bias is ... else bias,
         "lm_head": z(v, d) if lm_head is None else lm_head,
         "norm_weight": torch.ones(d) if norm_weight is ... else norm_weight,
     }
     return lambda dev: ops.fused_mtp_heads(
         args["hidden"].to(dev),
-        args["weight"].to(dev),
+        None if args["weight"] is None else args["weight"].to(dev),
         None if args["bias"] is None else args["bias"].to(dev),
         args["lm_head"].to(dev),
         k,
@@ -196,6 +196,15 @@ CASES = [
     ("heads_int_bias", heads(bias=z(3, 4, dtype=I32)), TypeError, "bias"),
     ("heads_f64_norm", heads(norm_weight=torch.ones(4, dtype=F64)), TypeError, "norm_weight"),
     ("heads_neg_eps", heads(eps=-1e-6), ValueError, "eps"),
+    ("heads_bias_without_weight", heads(weight=None), ValueError, "bias"),
+    ("heads_bias_1d_without_weight", heads(weight=None, bias=z(4)), ValueError, "bias"),
+    (
+        "heads_no_weight_norm_d",
+        heads(weight=None, bias=None, norm_weight=torch.ones(5)),
+        ValueError,
+        "norm_weight",
+    ),
+    ("heads_no_weight_k_gt_v", heads(weight=None, bias=None, k=11), ValueError, "k"),
     ("heads_vocab_ids_short", heads(vocab_ids=torch.arange(9)), ValueError, "vocab_ids"),
     ("heads_vocab_ids_long", heads(vocab_ids=torch.arange(11)), ValueError, "vocab_ids"),
     ("heads_vocab_ids_2d", heads(vocab_ids=torch.arange(10).view(1, 10)), ValueError, "vocab_ids"),
@@ -377,6 +386,7 @@ def test_good_defaults_of_the_cases_run():
         topk_marginalize(),
         heads(),
         heads(vocab_ids=torch.arange(10)),
+        heads(weight=None, bias=None),
         verify(),
         from_hidden(),
         from_hidden(norm_weight=None),
@@ -470,6 +480,28 @@ def test_fused_mtp_heads_non_finite(device, dtype):
             assert_ids_valid(ids, v)
             # Row 1 is all NaN: every logit ties (NaN == NaN in the ranking), so ids 0..k-1.
             assert ids[1].cpu().tolist() == [list(range(k))] * h
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_mtp_heads_without_weight_non_finite(device, dtype):
+    n, d, v = 4, 8, 100
+    hidden = randn(n, d, seed=3)
+    hidden[0, 1] = NAN
+    hidden[1] = NAN
+    hidden[2, 0] = INF
+    hidden[3, 0] = -INF
+    lm_head = randn(v, d, seed=5)
+    lm_head[7, 3] = NAN
+    for k in (1, 4, v):
+        for norm in (None, torch.ones(d)):
+            x, table = (t.to(dtype=dtype, device=device) for t in (hidden, lm_head))
+            nw = None if norm is None else norm.to(dtype=dtype, device=device)
+            lp, ids = ops.fused_mtp_heads(x, None, None, table, k, nw)
+            assert lp.shape == (n, 1, k)
+            assert_ids_valid(ids, v)
+            # Row 1 is all NaN: every logit ties (NaN == NaN in the ranking), so ids 0..k-1.
+            assert ids[1].cpu().tolist() == [list(range(k))]
 
 
 @pytest.mark.parametrize("device", devices())

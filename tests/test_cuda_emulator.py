@@ -504,6 +504,39 @@ def test_fused_mtp_heads(emu, schedule, monkeypatch, launches, dtype, n, h, d, v
     assert count["9.0"] - count["7.5"] == (2 if d % 8 == 0 and dtype != F32 else 0)
 
 
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize(
+    "n, d, v, k, norm",
+    [
+        (4, 64, 3000, 5, True),
+        (5, 36, 700, 9, False),  # depth 36: the logits are computed, then ranked
+        (70, 40, 1000, 3, True),  # 70 rows: likewise
+    ],
+)
+def test_fused_mtp_heads_without_weight(
+    emu, schedule, monkeypatch, launches, dtype, n, d, v, k, norm
+):
+    hidden, _, _, lm_head, nw = heads_inputs(n, 1, d, v, dtype, 1, norm=norm)
+    args = (hidden, None, None, lm_head, k, nw, 1e-6, None)
+    expected = torch.ops.mtp_ext.fused_mtp_heads(*args)
+
+    def run(weight):
+        return lambda: emu.fused_mtp_heads(hidden, weight, *args[2:])
+
+    count = on_both_capabilities(
+        monkeypatch, launches, run(None), expected, "without weight", TOL[dtype].logprob
+    )
+    zero = torch.zeros(1, d, d, dtype=dtype)
+    zero_count = on_both_capabilities(
+        monkeypatch, launches, run(zero), expected, "zero weight", TOL[dtype].logprob
+    )
+    # No product with a weight and no residual kernel: the final norm when norm_weight is given,
+    # then the same unembedding launches as with a [1, D, D] zero weight.
+    for cc in ["9.0", "7.5"]:
+        product = 2 if cc == "9.0" and d % 8 == 0 and dtype != F32 else 1
+        assert zero_count[cc] - count[cc] == product + 1 - int(norm), (cc, count, zero_count)
+
+
 def test_tensor_core_grid_follows_the_shared_memory_per_sm(emu, monkeypatch):
     # 16-row tiles take 85 KB of shared memory: two blocks per SM on an H100 or H200 (228 KB),
     # one on an A100 (164 KB). The unembedding's grid is sized from that; the answer is not.

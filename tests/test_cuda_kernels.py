@@ -85,6 +85,14 @@ CASES = {
         ),
         lambda x, w, b, lm, nw, vid: ops.fused_mtp_heads(x, w, b, lm, 5, nw, 1e-6, vid),
     ),
+    "fused_mtp_heads_without_weight": (
+        lambda s: (
+            randn(6, 64, dtype=BF16, seed=s),
+            randn(3000, 64, dtype=BF16, seed=s + 1, scale=0.4),
+            (1 + randn(64, seed=s + 2, scale=0.1)).to(BF16),
+        ),
+        lambda x, lm, nw: ops.fused_mtp_heads(x, None, None, lm, 5, nw),
+    ),
     "verify_tree_greedy": (
         lambda s: verify_inputs(s)[:3],
         lambda d, p, x: ops.verify_tree(d, p, x),
@@ -304,6 +312,25 @@ def check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw, vocab_ids=None
 def test_cuda_heads_paths_match_cpu(n, h, d, v, k, dtype):
     hidden, weight, bias, lm_head, nw = heads_inputs(n, h, d, v, dtype, seed=31)
     check_heads_against_cpu(hidden, weight, bias, lm_head, k, nw)
+
+
+@pytest.mark.parametrize(
+    "n, d, v",
+    [
+        (3, 64, 1000),  # streamed
+        (64, 40, 3001),  # 64 rows, streamed
+        (70, 64, 3001),  # 70 rows: logits written, then the row top-k
+        (3, 60, 2000),  # D not a multiple of 8: likewise
+    ],
+)
+@pytest.mark.parametrize("k", [1, 8, 65])
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("norm", [True, False])
+def test_cuda_heads_without_weight_match_cpu(n, d, v, k, dtype, norm):
+    hidden, _, _, lm_head, nw = heads_inputs(n, 1, d, v, dtype, seed=33, norm=norm)
+    check_heads_against_cpu(hidden, None, None, lm_head, k, nw)
+    vocab_ids = torch.randperm(9000, generator=torch.Generator().manual_seed(6))[:v]
+    check_heads_against_cpu(hidden, None, None, lm_head, k, nw, vocab_ids)
 
 
 def test_cuda_heads_vocab_ids_and_strided_lm_head():

@@ -30,10 +30,14 @@ def full_logprobs(hidden, weight, bias, lm_head, norm_weight, eps):
     return torch.log_softmax(z @ lm_head.float().T, dim=-1)
 
 
+def num_heads(weight):
+    return 1 if weight is None else weight.shape[0]
+
+
 def check(hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6, dtype=None):
     lp, ids = ops.fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps)
     ref_lp, ref_ids = ref64(ref.fused_mtp_heads, hidden, weight, bias, lm_head, k, norm_weight, eps)
-    assert lp.shape == ref_lp.shape == (hidden.shape[0], weight.shape[0], k)
+    assert lp.shape == ref_lp.shape == (hidden.shape[0], num_heads(weight), k)
     assert lp.dtype == torch.float32 and lp.device == hidden.device
     full = ref64(full_logprobs, hidden, weight, bias, lm_head, norm_weight, eps)
     assert_topk_equivalent(lp, ids, ref_lp, ref_ids, full, TOL[dtype or hidden.dtype].logprob)
@@ -99,12 +103,15 @@ def test_eps_is_used(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_single_head_known_answer(device):
-    # weight = 0, bias = 0: z = x + SiLU(0) = x, so the logits are hidden @ lm_head.T.
+@pytest.mark.parametrize("zero_weight", [True, False])
+def test_single_head_known_answer(device, zero_weight):
+    # weight = 0, bias = 0: z = x + SiLU(0) = x, so the logits are hidden @ lm_head.T; without
+    # weight the one head's z is x too.
     d, v = 8, 50
     hidden = randn(4, d, device=device, seed=22)
     lm_head = randn(v, d, device=device, seed=23)
-    lp, ids = ops.fused_mtp_heads(hidden, torch.zeros(1, d, d, device=device), None, lm_head, 4)
+    weight = torch.zeros(1, d, d, device=device) if zero_weight else None
+    lp, ids = ops.fused_mtp_heads(hidden, weight, None, lm_head, 4)
     logits = hidden.cpu().double() @ lm_head.cpu().double().T
     expected = torch.log_softmax(logits, -1).sort(dim=-1, descending=True, stable=True)
     assert ids[:, 0].cpu().tolist() == expected.indices[:, :4].tolist()
@@ -151,7 +158,7 @@ def check_vocab_ids(hidden, weight, bias, lm_head, k, norm_weight, vocab_ids, v_
     ref_lp, ref_ids = ref64(
         ref.fused_mtp_heads, hidden, weight, bias, sub, k, norm_weight, 1e-6, vocab_ids.cpu()
     )
-    assert lp.shape == ref_lp.shape == (hidden.shape[0], weight.shape[0], k)
+    assert lp.shape == ref_lp.shape == (hidden.shape[0], num_heads(weight), k)
     assert ids.dtype == torch.int64 and ids.device == hidden.device
     rows = ref64(full_logprobs, hidden, weight, bias, sub, norm_weight, 1e-6)
     full = torch.full((*rows.shape[:-1], v_full), float("-inf"))
@@ -222,3 +229,81 @@ def test_vocab_ids_empty(device, n, h):
     vocab_ids = draft_vocab(50, 20, 46, device)
     lp, ids = ops.fused_mtp_heads(hidden, weight, b, lm_head, 4, nw, 1e-6, vocab_ids)
     assert lp.shape == ids.shape == (n, h, 4) and ids.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------------
+# One head without a residual block (weight=None): the final norm, the unembedding and the top-k
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n, d, v",
+    [
+        (5, 37, 1000),  # a depth that is not a multiple of 8
+        (3, 40, 7),
+        (1, 64, 3001),
+        (70, 24, 513),  # more rows than the streamed unembedding serves on CUDA
+    ],
+)
+@pytest.mark.parametrize("k_kind", ["one", "some", "all"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_without_weight(device, dtype, n, d, v, k_kind, norm):
+    k = {"one": 1, "some": min(5, v), "all": v}[k_kind]
+    hidden, _, _, lm_head, nw = make_inputs(n, 1, d, v, dtype, device, seed=n + v, norm=norm)
+    lp, ids = check(hidden, None, None, lm_head, k, nw)
+    assert lp.shape == ids.shape == (n, 1, k)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+def test_without_weight_is_a_zero_residual_block(device, dtype, norm):
+    # x + SiLU(x . 0) = x: a [1, D, D] zero weight gives the same head, bit for bit.
+    hidden, _, _, lm_head, nw = make_inputs(6, 1, 48, 900, dtype, device, seed=50, norm=norm)
+    zero = torch.zeros(1, 48, 48, dtype=dtype, device=device)
+    for k in (1, 8):
+        without = ops.fused_mtp_heads(hidden, None, None, lm_head, k, nw)
+        zeroed = ops.fused_mtp_heads(hidden, zero, None, lm_head, k, nw)
+        for x, y in zip(without, zeroed):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_without_weight_non_contiguous(device, dtype):
+    n, d, v = 4, 24, 301
+    hidden = randn(d, n, dtype=dtype, device=device, seed=53).t()
+    lm_head = randn(2 * v, d, dtype=dtype, device=device, seed=54, scale=0.6)[::2]
+    norm_weight = randn(2 * d, dtype=dtype, device=device, seed=55)[1::2]
+    for t in (hidden, lm_head, norm_weight):
+        assert not t.is_contiguous()
+    check(hidden, None, None, lm_head, 9, norm_weight)
+    check(hidden, None, None, lm_head, v)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s, k", [(7, 7), (1000, 5), (1000, 1)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_without_weight_vocab_ids(device, dtype, s, k, norm):
+    v_full = 1500
+    hidden, _, _, lm_head, nw = make_inputs(5, 1, 37, v_full, dtype, device, seed=s, norm=norm)
+    check_vocab_ids(hidden, None, None, lm_head, k, nw, draft_vocab(v_full, s, s, device), v_full)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_without_weight_mixed_input_dtypes(device):
+    hidden, _, _, lm_head, nw = make_inputs(3, 1, 16, 200, torch.float32, device, seed=56)
+    check(hidden.half(), None, None, lm_head.bfloat16(), 7, nw.half(), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_without_weight_empty(device):
+    hidden, _, _, lm_head, nw = make_inputs(0, 1, 8, 20, torch.float32, device, seed=57)
+    for vocab_ids in (None, draft_vocab(50, 20, 58, device)):
+        lp, ids = ops.fused_mtp_heads(hidden, None, None, lm_head, 4, nw, 1e-6, vocab_ids)
+        ref_lp, _ = ref.fused_mtp_heads(hidden, None, None, lm_head, 4, nw)
+        assert lp.shape == ids.shape == ref_lp.shape == (0, 1, 4)
+        assert lp.dtype == torch.float32 and ids.dtype == torch.int64

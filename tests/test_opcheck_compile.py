@@ -43,6 +43,14 @@ def heads_args(device, with_optional, n=3):
     )
 
 
+def heads_without_weight_args(device, with_vocab_ids, n=3):
+    hidden, _, _, lm_head, k, norm_weight, eps = heads_args(device, True, n)
+    if not with_vocab_ids:
+        return hidden, None, None, lm_head, k, norm_weight, eps
+    vocab_ids = torch.randperm(500, generator=gen(22))[: lm_head.shape[0]].to(device)
+    return hidden, None, None, lm_head, k, None, eps, vocab_ids
+
+
 def heads_vocab_args(device, n=3):
     hidden, weight, bias, lm_head, k, norm_weight, eps = heads_args(device, True, n)
     vocab_ids = torch.randperm(500, generator=gen(14))[: lm_head.shape[0]].to(device)
@@ -93,6 +101,8 @@ SAMPLES = {
     "fused_mtp_heads": lambda dev, n=3: heads_args(dev, True, n),
     "fused_mtp_heads_no_bias_norm": lambda dev, n=3: heads_args(dev, False, n),
     "fused_mtp_heads_vocab_ids": lambda dev, n=3: heads_vocab_args(dev, n),
+    "fused_mtp_heads_no_weight": lambda dev, n=3: heads_without_weight_args(dev, False, n),
+    "fused_mtp_heads_no_weight_vocab_ids": lambda dev, n=3: heads_without_weight_args(dev, True, n),
     "verify_tree": lambda dev, n=3: verify_args(dev, False, False, n),
     "verify_tree_sampling": lambda dev, n=3: verify_args(dev, True, True, n),
     "tree_attention_mask": lambda dev, n=2: (
@@ -163,6 +173,8 @@ PROGRAMS = {
     "small_batch_linear": lambda x, w, b: torch.relu(ops.small_batch_linear(x * 1, w, b)) + 0,
     # The draft-vocabulary path: the mapped ids used by later torch ops in the same graph.
     "fused_mtp_heads_vocab_ids": lambda *a: tuple(o + 0 for o in ops.fused_mtp_heads(*a)),
+    # One head without a residual block: the [N, 1, k] outputs used by later torch ops.
+    "fused_mtp_heads_no_weight": lambda *a: tuple(o[:, 0] * 1 for o in ops.fused_mtp_heads(*a)),
 }
 
 BACKEND = "inductor"

@@ -1,5 +1,6 @@
 // CPU kernel of fused_mtp_heads. The residual blocks (x + SiLU(W x + b), optional RMSNorm) are small
-// [N, D] x [D, D] products done by ATen in float32; the expensive part, the shared unembedding, is
+// [N, D] x [D, D] products done by ATen in float32; without weight the one head's features are
+// x itself, normed when norm_weight is given. The expensive part, the shared unembedding, is
 // streamed once: each thread takes a slice of lm_head, computes the logits of all N x H rows for a
 // block of vocabulary rows at a time with a register-tiled kernel, and folds them into running
 // log-sum-exp statistics and top-k per row. The [N, H, V] logits are never written.
@@ -14,12 +15,14 @@ namespace mtp_ext {
 namespace cpu {
 namespace {
 
-// [N, H, D] float32 contiguous head features.
-at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
+// [N, H, D] float32 contiguous head features; without weight, the one head's [N, 1, D] (hidden,
+// normed when norm_weight is given).
+at::Tensor head_features(const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& bias,
                          const c10::optional<at::Tensor>& norm_weight, double eps) {
+  if (!weight.has_value()) return rms_norm_f32(hidden, norm_weight, eps).contiguous().unsqueeze(1);
   const at::Tensor x = hidden.to(at::kFloat);
-  at::Tensor y = at::matmul(x.unsqueeze(0), weight.to(at::kFloat).transpose(1, 2));  // [H, N, D]
+  at::Tensor y = at::matmul(x.unsqueeze(0), weight->to(at::kFloat).transpose(1, 2));  // [H, N, D]
   if (bias.has_value()) y.add_(bias->to(at::kFloat).unsqueeze(1));
   const at::Tensor z = rms_norm_f32(at::silu(y).add_(x.unsqueeze(0)), norm_weight, eps);
   return z.transpose(0, 1).contiguous();
@@ -33,13 +36,14 @@ struct RowState {
 };
 
 std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
-    double eps, const c10::optional<at::Tensor>& vocab_ids) {
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head, int64_t k,
+    const c10::optional<at::Tensor>& norm_weight, double eps,
+    const c10::optional<at::Tensor>& vocab_ids) {
   at::Tensor logprobs, ids;
   std::tie(logprobs, ids) =
       prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
-  const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
+  const int64_t n = hidden.size(0), heads = num_heads(weight), depth = hidden.size(1);
   const int64_t vocab = lm_head.size(0);
   const int64_t rows = n * heads;
   if (rows == 0) return {logprobs, ids};

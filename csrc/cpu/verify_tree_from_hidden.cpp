@@ -7,9 +7,9 @@
 #include "../checks.h"
 #include "../kernels/dot_tile.h"
 #include "../kernels/ranking.h"
-#include "../kernels/tree.h"
 #include "cpu_utils.h"
 #include "table_stream.h"
+#include "tree_walk.h"
 
 namespace mtp_ext {
 namespace cpu {
@@ -17,21 +17,12 @@ namespace {
 
 using kernels::better;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
-    const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& hidden,
-    const at::Tensor& lm_head, const c10::optional<at::Tensor>& norm_weight, double eps) {
-  const char* op = "mtp_ext.verify_tree_from_hidden";
-  check_verify_tree_from_hidden(draft_tokens, parents, hidden, lm_head, norm_weight, eps);
-  const at::Tensor par = parents.contiguous();
-  check_tree_values(par, op);
-  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1), depth = hidden.size(2);
-  const int64_t vocab = lm_head.size(0), rows = b * t;
-  const auto idx = draft_tokens.options().dtype(at::kLong);
-  at::Tensor num_accepted = at::zeros({b}, idx);
-  at::Tensor tokens = at::empty({b, t}, idx);
-  at::Tensor path = at::empty({b, t}, idx);
-  if (b == 0) return {num_accepted, tokens, path};
-
+// The target token of each of the `rows` = B * T nodes: the argmax of its logits (its hidden
+// state, normed when norm_weight is given, times lm_head^T), from one pass over lm_head.
+std::vector<int64_t> argmax_targets(const at::Tensor& hidden, const at::Tensor& lm_head,
+                                    const c10::optional<at::Tensor>& norm_weight, double eps,
+                                    int64_t rows) {
+  const int64_t depth = hidden.size(2), vocab = lm_head.size(0);
   const at::Tensor table = lm_head.contiguous();
   const int64_t parts = table_parts(vocab);
   std::vector<std::vector<Candidate>> best(static_cast<size_t>(parts));
@@ -91,15 +82,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
       if (best[p][r].id >= 0 && better(best[p][r], top)) top = best[p][r];
     target[r] = top.id;
   }
-  const at::Tensor draft = draft_tokens.contiguous();
-  const int64_t par_row_stride = par.dim() == 2 ? t : 0;
-  for (int64_t i = 0; i < b; ++i) {
-    num_accepted.data_ptr<int64_t>()[i] = kernels::walk_tree(
-        draft.const_data_ptr<int64_t>() + i * t, par.const_data_ptr<int64_t>() + i * par_row_stride,
-        t, [&](int64_t node) { return target[i * t + node]; }, tokens.data_ptr<int64_t>() + i * t,
-        path.data_ptr<int64_t>() + i * t);
-  }
-  return {num_accepted, tokens, path};
+  return target;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cpu(
+    const at::Tensor& draft_tokens, const at::Tensor& parents, const at::Tensor& hidden,
+    const at::Tensor& lm_head, const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* op = "mtp_ext.verify_tree_from_hidden";
+  check_verify_tree_from_hidden(draft_tokens, parents, hidden, lm_head, norm_weight, eps);
+  const at::Tensor par = parents.contiguous();
+  check_tree_values(par, op);
+  const int64_t t = draft_tokens.size(1), rows = draft_tokens.size(0) * t;
+  std::vector<int64_t> target;
+  if (rows > 0) target = argmax_targets(hidden, lm_head, norm_weight, eps, rows);
+  // The targets are known: a walk is a few reads, so only large batches take several threads.
+  return walk_trees(draft_tokens, par, 64, [&] {
+    return [&](int64_t i, int64_t node) { return target[i * t + node]; };
+  });
 }
 
 }  // namespace

@@ -2,34 +2,29 @@
 //
 // fused_mtp_heads: the heads' blocks x . weight[h]^T (each weight read once for all rows), the
 // residual SiLU + RMSNorm kernel, then the unembedding of the N x H rows with the top-k and
-// log-softmax. Up to 64 rows (k <= 64) one streaming kernel reads lm_head once, in its dtype, for
-// all rows, keeping a running top-k and log-sum-exp per row; the [N, H, V] logits are never
-// written (unembed_topk). Beyond that the logits are computed (lm_head read once per 64 rows, or
-// cuBLAS past 256 rows) and ranked by the row top-k. At more than 256 rows the heads' products go
-// through ATen (cuBLAS, float32) too. With 16-bit weights on compute capability 8.0 and newer the
-// heads' products and the unembedding run on tensor cores (kernels/mma_kernels.cu).
+// log-softmax. Without weight there is one head and no block: the hidden states go through the
+// final RMSNorm (when norm_weight is given) straight to the unembedding. Up to 64 rows (k <= 64)
+// one streaming kernel reads lm_head once, in its dtype, for all rows, keeping a running top-k and
+// log-sum-exp per row; the [N, H, V] logits are never written (unembed_topk). Beyond that the
+// logits are computed (lm_head read once per 64 rows, or cuBLAS past 256 rows) and ranked by the
+// row top-k. At more than 256 rows the heads' products go through ATen (cuBLAS, float32) too.
+// With 16-bit weights on compute capability 8.0 and newer the heads' products and the
+// unembedding run on tensor cores (kernels/mma_kernels.cu).
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "cuda_utils.h"
+#include "unembed.h"
 
 namespace mtp_ext {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lm_head, int64_t k, const c10::optional<at::Tensor>& norm_weight,
-    double eps, const c10::optional<at::Tensor>& vocab_ids) {
-  at::Tensor logprobs, ids;
-  std::tie(logprobs, ids) =
-      prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
-  const c10::cuda::CUDAGuard guard(hidden.device());
+// [N * H, D] float32 contiguous: the residual blocks x + SiLU(x . weight[h]^T + bias[h]), normed
+// when norm_weight is given.
+at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias,
+                         const c10::optional<at::Tensor>& norm_weight, double eps) {
   const int64_t n = hidden.size(0), heads = weight.size(0), depth = hidden.size(1);
-  const int64_t vocab = lm_head.size(0);
-  const int64_t rows = n * heads;
-  if (rows == 0) return {logprobs, ids};
-
   const auto f32 = hidden.options().dtype(at::kFloat);
   const at::Tensor x = hidden.to(at::kFloat).contiguous();
   at::Tensor y;  // [N, H, D] float32: x . weight[h]^T
@@ -63,14 +58,27 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
                            const_data_or_null<float>(nw),
                            static_cast<float>(eps), n, heads, depth, y.data_ptr<float>(), stream());
   MTP_EXT_CHECK_LAUNCH();
+  return y.view({n * heads, depth});
+}
 
-  const at::Tensor z = y.view({rows, depth});
-  if (!unembed_topk(z, lm_head, k, kc::TopkOut::LogProb, logprobs.view({rows, k}),
-                    ids.view({rows, k}))) {
-    const at::Tensor logits = rows_dot(z, lm_head);  // [N * H, V] float32
-    row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, k, kc::TopkOut::LogProb,
-             logprobs.view({rows, k}), ids.view({rows, k}), at::Tensor());
-  }
+std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
+    const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head, int64_t k,
+    const c10::optional<at::Tensor>& norm_weight, double eps,
+    const c10::optional<at::Tensor>& vocab_ids) {
+  at::Tensor logprobs, ids;
+  std::tie(logprobs, ids) =
+      prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t rows = hidden.size(0) * num_heads(weight);
+  if (rows == 0) return {logprobs, ids};
+
+  // Without weight the one head's features are the (normed) hidden states themselves.
+  const at::Tensor z = weight.has_value()
+                           ? head_features(hidden, *weight, bias, norm_weight, eps)
+                           : final_norm_rows(hidden, rows, norm_weight, eps);
+  unembed_topk(z, lm_head, k, kc::TopkOut::LogProb, logprobs.view({rows, k}),
+               ids.view({rows, k}));
   if (vocab_ids.has_value()) ids = vocab_ids->take(ids);
   return {logprobs, ids};
 }

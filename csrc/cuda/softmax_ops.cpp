@@ -2,7 +2,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "cuda_utils.h"
+#include "row_topk.h"
 
 namespace mtp_ext {
 namespace cuda {

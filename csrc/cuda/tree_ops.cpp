@@ -14,7 +14,8 @@
 #include <limits>
 
 #include "../checks.h"
-#include "cuda_utils.h"
+#include "row_topk.h"
+#include "unembed.h"
 
 namespace mtp_ext {
 namespace cuda {
@@ -121,24 +122,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cuda(
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
   const at::Tensor par = parents.contiguous();
   check_parents_values(par, op);
-  const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1), depth = hidden.size(2);
-  const int64_t vocab = lm_head.size(0), rows = b * t;
+  const int64_t rows = draft_tokens.size(0) * draft_tokens.size(1);
   at::Tensor targets = at::empty({rows}, draft_tokens.options().dtype(at::kLong));
   if (rows > 0) {
-    at::Tensor z = hidden.reshape({rows, depth}).to(at::kFloat).contiguous();
-    if (norm_weight.has_value()) {
-      if (z.data_ptr() == hidden.data_ptr()) z = z.clone();  // never normalize the input in place
-      const at::Tensor nw = norm_weight->to(at::kFloat).contiguous();
-      kc::launch_rms_norm(z.const_data_ptr<float>(), nw.const_data_ptr<float>(),
-                          static_cast<float>(eps), rows, depth, z.data_ptr<float>(), stream());
-      MTP_EXT_CHECK_LAUNCH();
-    }
-    // Up to 64 rows: the argmax streamed over lm_head, the logits never written.
-    if (!unembed_topk(z, lm_head, 1, kc::TopkOut::None, at::Tensor(), targets.view({rows, 1}))) {
-      const at::Tensor logits = rows_dot(z, lm_head);  // [B * T, V] float32
-      row_topk(logits, rows, vocab, rows_layout(logits), 1.0f, 1, kc::TopkOut::None, at::Tensor(),
-               targets.view({rows, 1}), at::Tensor());
-    }
+    // The argmax of each node's logits (up to 64 rows streamed over lm_head, never written).
+    unembed_topk(final_norm_rows(hidden, rows, norm_weight, eps), lm_head, 1, kc::TopkOut::None,
+                 at::Tensor(), targets.view({rows, 1}));
   }
   return walk(draft_tokens, par, targets);
 }

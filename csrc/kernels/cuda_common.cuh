@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernels: loads of the storage types as float, the
 // order-preserving ranking keys, online softmax statistics, block reductions and scans, and the
-// block-wide top-k selection (radix select) that every top-k kernel uses.
+// block-wide top-k selection (radix select; an argmax for k = 1) that every top-k kernel uses.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -220,6 +220,63 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch, V* total) {
   return before + inclusive - v;
 }
 
+// The best of n keys in shared memory (n >= 1; sel_key / sel_index hold at least THREADS / 32
+// entries): one pass and a reduction, where block_topk with k = 1 would take the radix select.
+// Emits it through emit(0, key, index); the highest key wins, equal keys go to the lowest
+// id_of(index).
+template <int THREADS, typename IdOf, typename Emit>
+__device__ void block_argmax(const uint32_t* keys, int n, IdOf id_of, uint32_t* sel_key,
+                             int32_t* sel_index, Emit emit) {
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  constexpr int kWarps = THREADS / kWarp;
+  uint32_t best_key = 0;
+  int32_t best = -1;
+  int64_t best_id = 0;
+  for (int i = tid; i < n; i += THREADS) {
+    const uint32_t key = keys[i];
+    const int64_t id = id_of(i);
+    if (best < 0 || key > best_key || (key == best_key && id < best_id)) {
+      best_key = key;
+      best = i;
+      best_id = id;
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint32_t other_key = __shfl_xor_sync(0xffffffffu, best_key, o);
+    const int32_t other = __shfl_xor_sync(0xffffffffu, best, o);
+    const int64_t other_id = __shfl_xor_sync(0xffffffffu, static_cast<long long>(best_id), o);
+    if (other >= 0 && (best < 0 || other_key > best_key ||
+                     (other_key == best_key && other_id < best_id))) {
+      best_key = other_key;
+      best = other;
+      best_id = other_id;
+    }
+  }
+  __syncthreads();
+  if (lane == 0) {
+    sel_key[warp] = best_key;
+    sel_index[warp] = best;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    uint32_t key = 0;
+    int32_t index = -1;
+    int64_t id = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      if (sel_index[w] < 0) continue;
+      const int64_t wid = id_of(sel_index[w]);
+      if (index < 0 || sel_key[w] > key || (sel_key[w] == key && wid < id)) {
+        key = sel_key[w];
+        index = sel_index[w];
+        id = wid;
+      }
+    }
+    emit(0, key, index);
+  }
+  __syncthreads();
+}
+
 // Shared memory of block_topk.
 struct TopkShared {
   uint32_t hist[256];
@@ -236,61 +293,14 @@ struct TopkShared {
 // keys: the best are all keys above the k-th key, then the keys equal to it in index order (the
 // caller arranges that index order among equal keys is id order). Writes them, best first
 // (key descending, then id ascending), to out_key[0..k) and out_id[0..k) through `emit(rank,
-// key, index)`. id_of(index) gives the id used to order equal keys.
+// key, index)`. id_of(index) gives the id used to order equal keys. k = 1 is block_argmax.
 template <int THREADS, typename IdOf, typename Emit>
 __device__ void block_topk(const uint32_t* keys, int n, int k, IdOf id_of, uint32_t* sel_key,
                            int32_t* sel_index, TopkShared& sh, Emit emit) {
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
   constexpr int kWarps = THREADS / kWarp;
   if (k == 1) {
-    // The argmax: one pass and a reduction instead of the radix select.
-    uint32_t best_key = 0;
-    int32_t best = -1;
-    int64_t best_id = 0;
-    for (int i = tid; i < n; i += THREADS) {
-      const uint32_t key = keys[i];
-      const int64_t id = id_of(i);
-      if (best < 0 || key > best_key || (key == best_key && id < best_id)) {
-        best_key = key;
-        best = i;
-        best_id = id;
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const uint32_t other_key = __shfl_xor_sync(0xffffffffu, best_key, o);
-      const int32_t other = __shfl_xor_sync(0xffffffffu, best, o);
-      const int64_t other_id =
-          __shfl_xor_sync(0xffffffffu, static_cast<long long>(best_id), o);
-      if (other >= 0 && (best < 0 || other_key > best_key ||
-                         (other_key == best_key && other_id < best_id))) {
-        best_key = other_key;
-        best = other;
-        best_id = other_id;
-      }
-    }
-    __syncthreads();
-    if (lane == 0) {
-      sel_key[warp] = best_key;
-      sel_index[warp] = best;
-    }
-    __syncthreads();
-    if (tid == 0) {
-      uint32_t key = 0;
-      int32_t index = -1;
-      int64_t id = 0;
-      for (int w = 0; w < kWarps; ++w) {
-        if (sel_index[w] < 0) continue;
-        const int64_t wid = id_of(sel_index[w]);
-        if (index < 0 || sel_key[w] > key || (sel_key[w] == key && wid < id)) {
-          key = sel_key[w];
-          index = sel_index[w];
-          id = wid;
-        }
-      }
-      emit(0, key, index);
-    }
-    __syncthreads();
+    block_argmax<THREADS>(keys, n, id_of, sel_key, sel_index, emit);  // no radix select
     return;
   }
   if (tid == 0) {
