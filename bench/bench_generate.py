@@ -39,8 +39,8 @@ def _tiny():
 
 
 def _smollm2():
-    from mtp_ext.assets import load_model
-    from mtp_ext.texts import load_text
+    from mtp_ext.data.assets import load_model
+    from mtp_ext.data.texts import load_text
 
     try:
         model, tok = load_model("smollm2-135m")

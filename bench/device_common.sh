@@ -66,7 +66,7 @@ PYEOF
   echo "$stamp" > mtp_ext/.build_stamp
 }
 
-# Joins the kept SmolLM2 parts into $MTP_EXT_CACHE/gguf (where mtp_ext.assets finds the file
+# Joins the kept SmolLM2 parts into $MTP_EXT_CACHE/gguf (where mtp_ext.data.assets finds the file
 # without its package) and checks the result; returns 1 when a part is missing.
 join_smollm2() {
   export MTP_EXT_CACHE="${MTP_EXT_CACHE:-/tmp/mtp_ext_cache}"

@@ -14,7 +14,7 @@ PY="${PYTHON:-.venv/bin/python}"  # the project's environment: mtp_ext and the S
 mkdir -p .gpu_carry/whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu_carry/whl gguf==0.19.0
-gguf="$("$PY" -c "from mtp_ext.assets import model_file; print(model_file('smollm2-135m'))")"
+gguf="$("$PY" -c "from mtp_ext.data.assets import model_file; print(model_file('smollm2-135m'))")"
 rm -f .gpu_carry/smollm2.gguf.part*
 split -n 2 -d "$gguf" .gpu_carry/smollm2.gguf.part
 ls -la .gpu_carry .gpu_carry/whl

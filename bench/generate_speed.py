@@ -27,9 +27,9 @@ import time
 import torch
 
 import mtp_ext
-from mtp_ext.assets import load_model
+from mtp_ext.data.assets import load_model
+from mtp_ext.data.texts import load_text
 from mtp_ext.heads import MTPHeads
-from mtp_ext.texts import load_text
 
 TEXTS = ("web", "austen", "python", "en-es")
 MTP_KW: dict = {}  # extra arguments of every mtp_ext.generate call (set from the command line)

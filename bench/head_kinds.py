@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from mtp_ext.assets import load_model
+from mtp_ext.data.assets import load_model
 from mtp_ext.heads import MTPHeads
-from mtp_ext.train import TrainConfig, train_heads
+from mtp_ext.training import TrainConfig, train_heads
 
 KINDS = ("resblock", "linear", "conditioned", "transformer")
 

@@ -81,7 +81,7 @@ def bench_shapes(emu: Emulated, shapes) -> list[dict]:
 
 def model_mixtures(texts: list[str], samples: int, seq_len: int) -> list[tuple]:
     """(next_logits [L, V], weights [L], m) of every row the evaluation harness ranks."""
-    from mtp_ext import assets
+    from mtp_ext.data import assets
     from mtp_ext.evaluation import marginal
     from mtp_ext.evaluation.samples import build_samples
     from mtp_ext.evaluation.tally import Tally

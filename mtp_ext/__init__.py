@@ -33,7 +33,7 @@ _LAZY = {
     "trees": ("trees", None),
     "generate": ("decoding", "generate"),
     "MTPModel": ("decoding", "MTPModel"),
-    "load_heads": ("shipped", "load_heads"),
+    "load_heads": ("heads", "load_heads"),
     "evaluation": ("evaluation", None),
     "evaluate": ("evaluation", "evaluate"),
 }

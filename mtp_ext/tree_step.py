@@ -1,4 +1,5 @@
-"""One step of tree decoding, and the per-call state it advances (used by :mod:`mtp_ext.decoding`).
+"""One step of tree decoding, the prefill that starts it, and the per-call state a step advances
+(used by :mod:`mtp_ext.decoding` and, to time steps, by :mod:`mtp_ext.tree_tuning`).
 
 A step drafts a tree with the heads, runs the backbone once over its ``T`` nodes on top of the
 key/value cache, verifies it, reads the result on the host (the step's one host synchronization:
@@ -9,19 +10,22 @@ prompt-lookup contexts live in host buffers filled from what the host already re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
 import torch
 
-from .hf_compat import cache_kwarg, cache_layers
+from .cpu_linear import fast_cpu
+from .hf_compat import cache_kwarg, cache_layers, last_logits_kwarg
 from .heads import MTPHeads
+from .heads.base import PointFeatures
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
-__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "run_step",
-           "read_step", "tree_mask", "sequence_mask", "compact_cache", "backbone", "heads_input",
-           "logits_from_hidden", "attention_window", "PointFeatures", "SequenceFeatures",
-           "features_for"]
+__all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "prefill",
+           "step_linears", "run_step",
+           "read_step", "tree_mask", "compact_cache", "backbone", "logits_from_hidden",
+           "attention_window"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,24 +55,6 @@ def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-def heads_input(heads: MTPHeads, out, index: torch.Tensor | slice | None):
-    """What the heads read at some positions of a backbone output ``out``: ``index [B]`` int64
-    (one position per row: ``[B, D]``), ``[B, K]`` (``K`` per row: ``[B, K, D]``), a slice of
-    positions (``[B, S', D]``) or None (the last position: ``[B, D]``). A tensor, or a tuple of
-    them (one per hidden state) for heads that read several layers."""
-    def at(h):
-        if index is None:
-            return h[:, -1]
-        if isinstance(index, slice):
-            return h[:, index]
-        rows = torch.arange(h.shape[0], device=h.device).view(-1, *([1] * (index.dim() - 1)))
-        return h[rows, index]
-
-    if heads.config.reads_last:
-        return at(out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1])
-    return tuple(at(h) for h in out.hidden_states)
 
 
 def attention_window(model) -> int | None:
@@ -173,91 +159,13 @@ class HostContexts:
         return drafts.pin_memory() if pin else drafts
 
 
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, q, k]`` bool -> ``[B, 1, q, k]`` additive mask (0 / ``finfo(dtype).min``)."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def sequence_mask(slots: SlotTable | None, new_valid: torch.Tensor, new_pos: torch.Tensor,
-                  dtype: torch.dtype, window: int | None):
-    """The additive mask of ``n`` new positions per row appended after the cache ``slots``
-    (None: an empty cache): each attends to the valid cache slots and, causally, to the valid new
-    positions. ``new_valid [B, n]`` bool, ``new_pos [B, n]`` int64 (position ids). Returns
-    ``[B, 1, n, S + n]``, or with a sliding ``window`` the dict ``{"full_attention": ...,
-    "sliding_attention": ...}`` whose second mask also hides keys ``window`` or more positions
-    behind the query."""
-    n = new_valid.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=new_valid.device).tril_()
-    allowed = causal[None] & new_valid[:, None, :]
-    key_pos = new_pos
-    if slots is not None:
-        S = slots.length
-        allowed = torch.cat([slots.valid[:, None, :].expand(-1, n, S), allowed], 2)
-        key_pos = torch.cat([slots.pos, new_pos], 1)
-    full = _additive(allowed, dtype)
-    if window is None:
-        return full
-    near = (new_pos[:, :, None] - key_pos[:, None, :]) < window
-    return {"full_attention": full, "sliding_attention": _additive(allowed & near, dtype)}
-
-
-class PointFeatures:
-    """What heads that read one position draft from: their input (:func:`heads_input`) at the
-    last accepted position of each row."""
-
-    def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
-        """After the prefill ``out`` over the prompt (``slots`` its cache slots)."""
-        return heads_input(heads, out, None)
-
-    def after_step(self, heads: MTPHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
-                   keep: int, slots: SlotTable, next_pos: torch.Tensor):
-        """After a tree step: ``out`` the backbone over the tree, ``path [B, T]`` /
-        ``num_acc [B]`` the verification, ``keep`` the slots each row adds, ``slots`` and
-        ``next_pos`` the cache as it was before the step."""
-        rows = torch.arange(path.shape[0], device=path.device)
-        return heads_input(heads, out, path[rows, num_acc])
-
-
-class SequenceFeatures:
-    """``"transformer"`` heads, whose blocks attend over the sequence: one key/value cache per
-    head (:class:`~mtp_ext.heads.TransformerDraftState`) mirrors the backbone's cache slot for
-    slot, so the same validity (padding, rejected nodes) masks both. After each step the blocks
-    run over the accepted path's positions (``keep`` per row, the invalid ones masked), and the
-    heads draft from their outputs at the last accepted position: ``[B, H, D]``."""
-
-    def __init__(self, heads: MTPHeads):
-        self.state = heads.new_draft_state()
-        self.window = heads.block_window
-
-    def _blocks(self, heads, x, new_valid, new_pos, slots):
-        mask = sequence_mask(slots, new_valid, new_pos, heads.param_dtype, self.window)
-        return heads.block_outputs(x, position_ids=new_pos, state=self.state, attention_mask=mask)
-
-    def at_prompt(self, heads: MTPHeads, out, slots: SlotTable):
-        z = self._blocks(heads, heads_input(heads, out, slice(None)), slots.valid, slots.pos, None)
-        return z[:, -1]
-
-    def after_step(self, heads: MTPHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
-                   keep: int, slots: SlotTable, next_pos: torch.Tensor):
-        kept = torch.arange(keep, device=path.device)[None]
-        x = heads_input(heads, out, path[:, :keep].clamp(min=0))  # -1 past a row's path: masked
-        z = self._blocks(heads, x, kept <= num_acc[:, None], next_pos[:, None] + kept, slots)
-        return z[torch.arange(path.shape[0], device=path.device), num_acc]
-
-
-def features_for(heads: MTPHeads):
-    """:class:`SequenceFeatures` for ``"transformer"`` heads, else :class:`PointFeatures`."""
-    return SequenceFeatures(heads) if heads.config.kind == "transformer" else PointFeatures()
-
-
 @dataclasses.dataclass
 class DecodeState:
     """Per-call decoding state: the model's key/value ``cache``; its ``slots``
     (:class:`SlotTable`); ``next_pos [B]`` int64, the position id of each row's root; ``root [B]``
     int64, the last accepted token; ``feature``, what the heads draft from at the position before
     the root; ``window``, the model's sliding window (None without sliding-attention layers);
-    ``features``, how ``feature`` follows the steps (:func:`features_for`)."""
+    ``features``, how ``feature`` follows the steps (:meth:`MTPHeads.decode_features`)."""
 
     cache: Any
     slots: SlotTable
@@ -274,10 +182,53 @@ def start_state(model, heads: MTPHeads, cache, prompt_out, valid: torch.Tensor,
     model's output over it (every hidden state); ``valid [B, P]`` bool (False at padding),
     ``positions [B, P]`` int64 position ids, ``root [B]`` int64 the first new token."""
     slots = SlotTable(valid, positions)
-    features = features_for(heads)
+    features = heads.decode_features()
     return DecodeState(cache=cache, slots=slots, next_pos=valid.long().sum(1), root=root,
                        feature=features.at_prompt(heads, prompt_out, slots),
                        window=attention_window(model), features=features)
+
+
+def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            settings, uniforms_fn, ops) -> tuple[DecodeState, torch.Tensor]:
+    """Runs the prompt as ``model.generate`` does (the output layer on the last position only,
+    where the model allows it) and picks the first new token: a one-node "tree" verified on the
+    prompt's last logits (greedy, or sampled with ``uniforms_fn``'s uniforms).
+
+    Args:
+        input_ids, attention_mask: ``[B, P]`` int64 prompts (left-padded) and their mask.
+        settings: the call's :class:`~mtp_ext.settings.GenerationSettings`.
+        uniforms_fn: ``shape -> uniforms`` on the model's device (sampling only).
+        ops: the backend (``verify_tree``).
+    Returns:
+        ``(state, first [B] int64)``: the state before the first tree step (its root is the
+        first token) and the first token on the device.
+    """
+    from transformers import DynamicCache
+
+    B, device = input_ids.shape[0], input_ids.device
+    cache = DynamicCache()
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 0)
+    out = model(
+        input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
+        output_hidden_states=True, **cache_kwarg(model, cache), **last_logits_kwarg(model),
+    )
+    root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
+    parents = torch.full((1,), -1, dtype=torch.long, device=device)
+    temp = settings.temperature if settings.do_sample else 0.0
+    _, first, _ = ops.verify_tree(
+        root_draft, parents, out.logits[:, -1][:, None], temp, settings.top_k, settings.top_p,
+        uniforms_fn((B, 1)) if settings.do_sample else None,
+    )
+    first = first[:, 0]
+    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first), first
+
+
+def step_linears(model, device: torch.device):
+    """The context that tree steps run in: on CPU the backbone's linear layers swapped for
+    small-row kernels (:func:`mtp_ext.fast_cpu`), which is what makes a tree of a few nodes cost
+    about one plain step there; elsewhere nothing."""
+    return fast_cpu(model) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 @dataclasses.dataclass

@@ -10,7 +10,8 @@ when no tree pays.
   of a pool are among its ``T'`` best for ``T < T'``, and a node always ranks after its parent),
   so the tokens the run would have accepted with any smaller tree follow from the same steps: the
   accepted path cut at its first node ranked ``T`` or worse.
-- Cost: a few greedy steps at each size, timed step by step (median).
+- Cost: a few greedy steps at each size, timed step by step (median), through
+  :func:`~mtp_ext.tree_step.run_step` as ``generate`` runs them.
 
 :func:`auto_tree` caches the chosen size per model, device, dtype, heads and thread count in a JSON
 file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once.
@@ -18,8 +19,10 @@ file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -29,7 +32,10 @@ from pathlib import Path
 
 import torch
 
+from . import ops
 from .heads import MTPHeads
+from .settings import GenerationSettings
+from .tree_step import prefill, run_step, step_linears
 from .trees import DraftTree, DynamicTree
 
 __all__ = ["TreeProfile", "profile_tree_sizes", "auto_tree", "selection_ranks"]
@@ -91,13 +97,24 @@ def _accepted_by_size(tree: DraftTree, num_acc: torch.Tensor, path: torch.Tensor
     return torch.stack(out)
 
 
-def _timed_steps(model, heads, ids: torch.Tensor, tree, steps: int) -> list[float]:
-    from .decoding import generate
+def _greedy_steps(model, heads: MTPHeads, ids: torch.Tensor, tree: DynamicTree):
+    """Greedy tree steps on the prompt ``ids [1, P]`` (no EOS, no prompt lookup), run through
+    :func:`~mtp_ext.tree_step.run_step` as ``generate`` runs them: yields each step's
+    :class:`~mtp_ext.tree_step.StepResult` and ``time.perf_counter()`` at its end. Close it
+    (``contextlib.closing``) to restore the model's linear layers."""
+    settings = GenerationSettings(max_new_tokens=0, do_sample=False, temperature=1.0, top_k=0,
+                                  top_p=1.0, eos_token_ids=(), pad_token_id=None)
+    state, _ = prefill(model, heads, ids, torch.ones_like(ids), settings, None, ops)
+    with step_linears(model, ids.device):
+        while True:
+            res = run_step(model, heads, state, tree, settings, None, ops)
+            yield res, time.perf_counter()
 
-    stamps: list[float] = []
-    generate(model, ids, heads, max_new_tokens=steps + 1, do_sample=False, tree=tree,
-             eos_token_id=[], prompt_lookup_num_tokens=0,
-             _on_step=lambda *a: stamps.append(time.perf_counter()))
+
+def _timed_steps(model, heads, ids: torch.Tensor, tree, steps: int) -> list[float]:
+    """Milliseconds between the ends of ``steps`` consecutive steps (``steps - 1`` intervals)."""
+    with contextlib.closing(_greedy_steps(model, heads, ids, tree)) as run:
+        stamps = [t for _, t in itertools.islice(run, steps)]
     return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])]
 
 
@@ -122,20 +139,17 @@ def profile_tree_sizes(
         new_tokens: tokens generated for the acceptance run (with the largest tree).
         timing_steps: steps timed per size.
     """
-    from .decoding import generate
-
     sizes = sorted({int(s) for s in sizes})
     if sizes[0] < 1:
         raise ValueError(f"sizes must be >= 1, got {sizes}")
     ids = input_ids[:1]
     largest = DynamicTree(sizes[-1], width)
-    counts = []
-
-    def observe(tree, num_acc, path):
-        counts.append(_accepted_by_size(tree, num_acc, path, sizes).cpu())
-
-    generate(model, ids, heads, max_new_tokens=new_tokens, do_sample=False, tree=largest,
-             eos_token_id=[], prompt_lookup_num_tokens=0, _on_step=observe)
+    counts, emitted = [], 1  # the prefill's token first
+    with contextlib.closing(_greedy_steps(model, heads, ids, largest)) as run:
+        while emitted < new_tokens:
+            res, _ = next(run)
+            counts.append(_accepted_by_size(res.tree, res.num_accepted, res.path, sizes).cpu())
+            emitted += res.accepted[0] + 1
     acc = torch.cat(counts, 1).double().mean(1) if counts else torch.zeros(len(sizes))
     step_ms = []
     for i, t in enumerate(sizes):
@@ -163,7 +177,7 @@ def _profile_key(model, heads: MTPHeads) -> str:
 
 
 def _profile_path(key: str) -> Path:
-    from .assets import cache_dir
+    from .data.cache import cache_dir
 
     return Path(cache_dir()) / "tree_profiles" / f"{key}.json"
 

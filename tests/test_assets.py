@@ -1,4 +1,4 @@
-"""mtp_ext.assets: locating model files in installed packages, joining chunks, clear errors."""
+"""mtp_ext.data.assets: locating model files in installed packages, joining chunks, clear errors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mtp_ext import assets
+from mtp_ext.data import assets
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_marginal_one_read_dry_run(tmp_path):
 def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
     """The GPU run reads its prompts from bench/prompts/smollm2.json (the texts are not installed
     there); here on the CPU with 4 new tokens and one round."""
-    from mtp_ext import assets
+    from mtp_ext.data import assets
 
     try:
         assets.model_file("smollm2-135m")

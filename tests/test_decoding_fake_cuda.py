@@ -19,6 +19,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from mtp_ext import ops, tree_step  # noqa: E402
+from mtp_ext.attention_masks import sequence_mask  # noqa: E402
 from mtp_ext.decoding import GenerationSettings  # noqa: E402
 from mtp_ext.heads import MTPHeads  # noqa: E402
 from mtp_ext.hf_compat import cache_kwarg, cache_layers  # noqa: E402
@@ -95,7 +96,7 @@ def test_tree_steps_stay_on_the_device(kind, do_sample, monkeypatch):
         # The prefill as generate runs it, but with a 4-D mask: the 2-D one makes transformers
         # test the mask's values (a host read, which fake tensors cannot answer).
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        mask4 = tree_step.sequence_mask(None, mask.bool(), pos, torch.float32, None)
+        mask4 = sequence_mask(None, mask.bool(), pos, torch.float32, None)
         out = model(ids, attention_mask=mask4, position_ids=pos, use_cache=True,
                     output_hidden_states=True, **cache_kwarg(model, cache))
         state = tree_step.start_state(model, heads, cache, out, mask.bool(), pos, ids[:, -1])

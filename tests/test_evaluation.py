@@ -180,9 +180,9 @@ def test_grid_layers_include_first_and_last():
 
 
 def test_train_heads_on_a_shared_all_layer_cache_matches_its_own_cache(monkeypatch):
-    from mtp_ext import train as train_mod
+    from mtp_ext.training import cache as cache_mod
     from mtp_ext.heads import MTPHeads
-    from mtp_ext.train import TrainConfig, build_cache, select_layer, train_heads
+    from mtp_ext.training import TrainConfig, build_cache, select_layer, train_heads
 
     model = tiny_llama(V, 32, 64, layers=3)
     ids = torch.randint(0, V, (8, 16), generator=torch.Generator().manual_seed(4))
@@ -197,7 +197,7 @@ def test_train_heads_on_a_shared_all_layer_cache_matches_its_own_cache(monkeypat
     def no_rebuild(*args, **kwargs):
         raise AssertionError("given caches must not be rebuilt")
 
-    monkeypatch.setattr(train_mod, "build_cache", no_rebuild)
+    monkeypatch.setattr(cache_mod, "build_cache", no_rebuild)
     rb = train_heads(model, None, b, ids, ids[:2], cfg, train_cache=select_layer(allc, 1),
                      val_cache=select_layer(allc, 1))
     assert ra["history"]["loss"] == pytest.approx(rb["history"]["loss"], rel=1e-5)
@@ -268,7 +268,7 @@ def test_bad_configs_name_the_problem():
 
 
 def test_cli_eval_on_a_model_folder(tmp_path, monkeypatch):
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
     from mtp_ext.evaluation import study
 
     folder = tmp_path / "tiny"
@@ -291,7 +291,7 @@ def test_cli_eval_on_a_model_folder(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_quick_mode_on_smollm2_under_ten_minutes(tmp_path):
     pytest.importorskip("gguf")
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     t0 = time.perf_counter()
     rc = cli.main(["eval", "--quick", "--out", str(tmp_path), "--plot", "--no-progress"])

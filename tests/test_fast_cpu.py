@@ -235,7 +235,7 @@ NEAR_TIE = 1e-3
 
 @pytest.mark.slow
 def test_real_model_greedy_decoding_is_unchanged():
-    from mtp_ext import assets
+    from mtp_ext.data import assets
 
     try:
         assets.model_file("smollm2-135m")

@@ -156,24 +156,24 @@ def test_transformer_heads_features_follow_the_accepted_sequence(model, case, mo
     accepted position, computed incrementally over caches that hold rejected and padded slots)
     equal the blocks run from scratch over the row's accepted sequence; also for heads whose
     block has a sliding window. The decoded tokens equal model.generate's."""
-    from mtp_ext import tree_step
+    from mtp_ext.heads.transformer import SequenceFeatures
 
     if case == "gemma-sliding-head":
         model, layer = _gemma_with_sliding_last_layer(), -1
-        assert tree_step.SequenceFeatures(MTPHeads.for_model(model, 1, kind="transformer")).window == 12
+        assert SequenceFeatures(MTPHeads.for_model(model, 1, kind="transformer")).window == 12
     else:
         layer = -1 if case == "llama-last" else 1
     heads = perturbed_heads(model, "transformer", seed=4, scale=0.02, layer=layer)
     ids, mask = _prompts(2, 8, seed=13, pad_rows=[(1, 3)])
     seen = []  # (features [B, H, D], position of the last accepted token [B])
-    original = tree_step.SequenceFeatures.after_step
+    original = SequenceFeatures.after_step
 
     def recording(self, heads_, out, path, num_acc, keep, slots, next_pos):
         feature = original(self, heads_, out, path, num_acc, keep, slots, next_pos)
         seen.append((feature.clone(), next_pos + num_acc))
         return feature
 
-    monkeypatch.setattr(tree_step.SequenceFeatures, "after_step", recording)
+    monkeypatch.setattr(SequenceFeatures, "after_step", recording)
     out = generate(model, ids, heads, attention_mask=mask, max_new_tokens=30, tree=8,
                    return_dict_in_generate=True)
     assert torch.equal(out.sequences, model.generate(ids, attention_mask=mask, max_new_tokens=30,
@@ -265,7 +265,7 @@ def test_streamer_gets_prompt_then_every_token(model):
 
 
 def test_cli_generate_compare(tmp_path, capsys):
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     m = _model()
     m.save_pretrained(tmp_path / "model")

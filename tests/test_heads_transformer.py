@@ -16,8 +16,9 @@ import torch
 from helpers import tiny_llama
 
 from mtp_ext import reference
-from mtp_ext import train as T
+from mtp_ext import training as T
 from mtp_ext.heads import MTPHeads, MTPHeadsConfig, TransformerDraftState
+from mtp_ext.training.forward import heads_forward
 
 VOCAB, HIDDEN, LAYERS = 1000, 64, 2
 H = 3
@@ -333,7 +334,7 @@ def test_heads_forward_gathers_sequence_logits(small_model, layer):
         cache = T.build_cache(small_model, heads, ids, _cfg())
     s, t = torch.tensor([2, 0, 2, 3, 0]), torch.tensor([4, 0, 29, 7, 11])
     with torch.no_grad():
-        got = T._heads_forward(heads, cache["feat"], cache["ids"], s, t)
+        got = heads_forward(heads, cache["feat"], cache["ids"], s, t)
         feat = cache["feat"]
         full = heads(tuple(feat) if layer == "whs" else feat)
     assert got.shape == (5, 2, TR_VOCAB)

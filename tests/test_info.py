@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mtp_ext import info, ops
+from mtp_ext import ops
+from mtp_ext.cli import info
 
 
 def test_info_lists_every_op_with_its_backends():

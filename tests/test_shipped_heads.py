@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from mtp_ext.shipped import SHIPPED_HEADS, load_heads, shipped_heads_dir
+from mtp_ext.heads.shipped import SHIPPED_HEADS, load_heads, shipped_heads_dir
 
 # The goal for head 1 (top-1 / top-5 agreement with the backbone's greedy token); tests ask half.
 GOAL_TOP1, GOAL_TOP5 = 0.50, 0.75
@@ -46,7 +46,7 @@ def test_unknown_name():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mtp_ext.assets import load_model
+    from mtp_ext.data.assets import load_model
 
     try:
         return load_model("smollm2-135m")
@@ -56,8 +56,8 @@ def smollm2():
 
 @pytest.mark.slow
 def test_shipped_heads_reach_half_the_goal(smollm2):
-    from mtp_ext.texts import load_text
-    from mtp_ext.train import TrainConfig, build_cache, evaluate, tokenize_texts
+    from mtp_ext.data.texts import load_text
+    from mtp_ext.training import TrainConfig, build_cache, evaluate, tokenize_texts
 
     model, tok = smollm2
     heads = load_heads("smollm2-135m", model)
@@ -71,7 +71,7 @@ def test_shipped_heads_reach_half_the_goal(smollm2):
 @pytest.mark.slow
 def test_512_greedy_tokens_equal_model_generate(smollm2):
     import mtp_ext
-    from mtp_ext.compare import encode_prompt
+    from mtp_ext.cli.compare import encode_prompt
 
     model, tok = smollm2
     heads = load_heads("smollm2-135m", model)
@@ -88,7 +88,7 @@ def test_512_greedy_tokens_equal_model_generate(smollm2):
 def test_gemma3_real_model_decodes_like_generate():
     """The real Gemma 3 270M (sliding windows, soft-capping, 262k vocabulary) with fresh heads."""
     import mtp_ext
-    from mtp_ext.assets import load_model
+    from mtp_ext.data.assets import load_model
     from mtp_ext.heads import MTPHeads
 
     try:

@@ -1,4 +1,4 @@
-"""Training of MTP heads (``mtp_ext.train``) on a tiny random-weight transformers Llama.
+"""Training of MTP heads (``mtp_ext.training``) on a tiny random-weight transformers Llama.
 
 Vocabulary 200, hidden 32, 2 layers; the texts are pre-tokenized, a repeating cycle of 16 distinct
 tokens (so the token at ``t + 2`` is a function of the token at ``t``), which frozen heads learn.
@@ -14,8 +14,9 @@ import torch
 
 from helpers import tiny_llama, word_tokenizer
 
-from mtp_ext import train as T
+from mtp_ext import training as T
 from mtp_ext.heads import MTPHeads
+from mtp_ext.training.steps import sample_positions
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,7 +224,7 @@ def _cli_inputs(tmp_path, data):
 
 
 def test_cli_parses_and_trains_on_tiny_folder(tmp_path, data, monkeypatch):
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     model, folder, _ = _cli_inputs(tmp_path, data)
     out = tmp_path / "out"
@@ -276,7 +277,7 @@ def test_draft_vocab_set_from_data_and_trains(model, data, source):
 
 
 def test_self_generated_continuations_are_the_backbones_greedy_text():
-    from mtp_ext.selfgen import self_generated
+    from mtp_ext.data.selfgen import self_generated
 
     model = _tiny_llama()
     tok = _word_tokenizer()
@@ -301,14 +302,14 @@ def test_self_generated_continuations_are_the_backbones_greedy_text():
 
 def test_whole_sequence_sampling():
     gen = torch.Generator().manual_seed(0)
-    s, t = T._sample_positions(10, 8, 15, gen, whole=True)  # 6 positions per sequence: 3 seqs
+    s, t = sample_positions(10, 8, 15, gen, whole=True)  # 6 positions per sequence: 3 seqs
     assert s.shape == t.shape == (15,)
     assert t.tolist() == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2]
     assert len(set(s[:6].tolist())) == 1 and len(set(s[6:12].tolist())) == 1
 
 
 def test_cli_init_heads_continues_from_saved_heads(tmp_path, data):
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     model, folder, _ = _cli_inputs(tmp_path, data)
     start = MTPHeads.for_model(model, num_heads=2, kind="conditioned", draft_vocab_size=40)

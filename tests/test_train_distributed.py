@@ -1,4 +1,4 @@
-"""Distributed (data-parallel) training of MTP heads (``mtp_ext.train``, ``mtp-ext train-heads``
+"""Distributed (data-parallel) training of MTP heads (``mtp_ext.training``, ``mtp-ext train-heads``
 under ``torchrun``) on the tiny random-weight Llama of ``test_train.py``.
 
 The strong check: a 2-process CPU run (gloo backend, launched with ``python -m
@@ -20,8 +20,12 @@ import torch
 
 from helpers import tiny_llama
 
-from mtp_ext import train as T
+from mtp_ext import training as T
 from mtp_ext.heads import MTPHeads
+from mtp_ext.training import steps
+from mtp_ext.training.distributed import check_distributed, rank_slice
+from mtp_ext.training.forward import heads_forward
+from mtp_ext.training.losses import head_counts, teacher_logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,23 +55,23 @@ def _free_port() -> int:
 
 def test_rank_slices_are_contiguous_equal_and_cover_the_batch():
     P, W = 12, 3
-    slices = [T._rank_slice(P, r, W) for r in range(W)]
+    slices = [rank_slice(P, r, W) for r in range(W)]
     assert [(s.start, s.stop) for s in slices] == [(0, 4), (4, 8), (8, 12)]
     items = torch.arange(P)
     assert torch.equal(torch.cat([items[s] for s in slices]), items)
-    assert T._rank_slice(5, 0, 1) == slice(0, 5)
+    assert rank_slice(5, 0, 1) == slice(0, 5)
 
 
 def test_rank_slice_and_config_divisibility_errors():
     with pytest.raises(ValueError, match=r"batch_positions=10 must be divisible by the world size 4"):
-        T._rank_slice(10, 1, 4, "batch_positions")
+        rank_slice(10, 1, 4, "batch_positions")
     with pytest.raises(ValueError, match="rank must be in"):
-        T._rank_slice(8, 2, 2)
+        rank_slice(8, 2, 2)
     with pytest.raises(ValueError, match="batch_positions=6 must be divisible by the world size 4"):
-        T._check_distributed(T.TrainConfig(batch_positions=6), 4)
+        check_distributed(T.TrainConfig(batch_positions=6), 4)
     with pytest.raises(ValueError, match="joint_seqs=3 must be divisible by the world size 2"):
-        T._check_distributed(T.TrainConfig(joint=True, joint_seqs=3, batch_positions=7), 2)
-    T._check_distributed(T.TrainConfig(batch_positions=8), 4)  # no error
+        check_distributed(T.TrainConfig(joint=True, joint_seqs=3, batch_positions=7), 2)
+    check_distributed(T.TrainConfig(batch_positions=8), 4)  # no error
 
 
 @pytest.mark.parametrize("joint", [False, True])
@@ -80,20 +84,20 @@ def test_each_rank_steps_on_its_share_of_the_same_global_batch(monkeypatch, join
     cfg = T.TrainConfig(seq_len=SEQ, batch_positions=16, joint=joint, joint_seqs=4)
     cache = None if joint else T.build_cache(model, heads, ids, cfg)
     seen = []
-    forward = T._heads_forward
+    forward = heads_forward
 
     def recording_forward(heads, feat, ids_, s, t):
         seen.append(ids_[s[:: SEQ - 2]] if joint else torch.stack([s, t], 1))
         return forward(heads, feat, ids_, s, t)
 
-    monkeypatch.setattr(T, "_heads_forward", recording_forward)
-    monkeypatch.setattr(T, "_global_scale", lambda local, world: None)  # no process group here
+    monkeypatch.setattr(steps, "heads_forward", recording_forward)
+    monkeypatch.setattr(steps, "global_scale", lambda local, world: None)  # no process group here
     for rank, world in [(0, 1), (0, 2), (1, 2)]:
         gen = torch.Generator().manual_seed(0)
         if joint:
-            T._joint_step(model, heads, ids, gen, 0, cfg, list(model.parameters()), rank, world)
+            steps.joint_step(model, heads, ids, gen, 0, cfg, list(model.parameters()), rank, world)
         else:
-            T._frozen_step(model, heads, ids, cache, gen, cfg, rank, world)
+            steps.frozen_step(model, heads, ids, cache, gen, cfg, rank, world)
     full, r0, r1 = seen
     assert len(r0) == len(r1) == len(full) // 2
     assert torch.equal(torch.cat([r0, r1]), full)
@@ -120,13 +124,13 @@ def test_scaled_shares_sum_to_the_global_loss_and_gradient(kl):
         return T.head_targets(cache["ids"], cache["greedy"], s[sel], t[sel], 3, cfg.target)
 
     def counts(sel):
-        return T._head_counts(heads, *targets(sel), kl).double()
+        return head_counts(heads, *targets(sel), kl).double()
 
     def loss_and_grad(sel, scale=None):
         heads.zero_grad(set_to_none=True)
-        logits = T._heads_forward(heads, cache["feat"], cache["ids"], s[sel], t[sel])
+        logits = heads_forward(heads, cache["feat"], cache["ids"], s[sel], t[sel])
         tg, valid = targets(sel)
-        tl = T._teacher_logits(heads, cache, s[sel], t[sel], valid) if kl else None
+        tl = teacher_logits(heads, cache, s[sel], t[sel], valid) if kl else None
         loss, _ = T.mtp_loss(heads, logits, tg, valid, tl, scale)
         loss.backward()
         return float(loss.detach()), heads.weight.grad.clone()
@@ -216,7 +220,7 @@ def _assert_same_run(dist_out, ref_out):
 def test_two_process_gloo_run_matches_single_process(tiny_folder, tmp_path):
     """Frozen mode, disk cache: exits 0, rank 0 alone writes the log, summary, checkpoint and
     heads, and the heads equal the single-process run's."""
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     folder, toks = tiny_folder
     extra = ("--steps", "6", "--batch-positions", "64", "--checkpoint-every", "3")
@@ -236,7 +240,7 @@ def test_two_process_gloo_run_matches_single_process(tiny_folder, tmp_path):
 def test_two_process_joint_run_matches_single_process(tiny_folder, tmp_path):
     """Joint mode (the backbone unfrozen after one step): same heads and, in the checkpoint, the
     same backbone as the single-process run."""
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     folder, toks = tiny_folder
     extra = ("--steps", "3", "--joint", "--joint-seqs", "4", "--head-warmup-steps", "1",
@@ -260,7 +264,7 @@ def test_two_process_run_resumes_from_rank0_checkpoint(tiny_folder, tmp_path):
     """A 2-process run stopped after 3 steps (checkpoint) and relaunched for 6 ends where the
     uninterrupted single-process 6-step run does (constant schedule: the LR does not depend on
     the total number of steps)."""
-    from mtp_ext import __main__ as cli
+    from mtp_ext import cli
 
     folder, toks = tiny_folder
     common = ("--batch-positions", "64", "--schedule", "constant", "--checkpoint-every", "3")

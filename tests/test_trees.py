@@ -154,15 +154,6 @@ def test_build_tree_bad_input(model):
         build_tree(heads, x[None], root, chain(1))
 
 
-def test_heads_draft_tree_method(model):
-    heads = _heads(model, "conditioned")
-    x, root = _inputs()
-    got = heads.draft_tree(x, root, 7)
-    want = build_tree(heads, x, root, DynamicTree(7))
-    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
-    assert torch.equal(heads.draft_tree(x, root, chain(2)).tokens, build_tree(heads, x, root, chain(2)).tokens)
-
-
 def _tree(tokens, parents, depths) -> DraftTree:
     t = torch.tensor(tokens)
     return DraftTree(t, torch.tensor(parents), torch.tensor(depths), torch.zeros(t.shape))

@@ -109,7 +109,7 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..assets import load_model
+    from ..data.assets import load_model
     from .report import write_report
     from .study import evaluate
 

@@ -1,14 +1,14 @@
 """The heads part of the study: heads on a frozen backbone at a grid of layers, WHS, and joint
 training of heads and backbone with and without differential learning rates and a head warm-up.
 
-Every head set is trained by :func:`mtp_ext.train.train_heads` on the same training windows
+Every head set is trained by :func:`mtp_ext.training.train_heads` on the same training windows
 (:func:`mtp_ext.evaluation.samples.training_windows`, a mix of the evaluated datasets' train
 splits) and scored by :func:`score_heads` on the evaluation samples like every other method.
 
 - **Layer grid** (method ``"head_frozen"``, ``layer`` = index into ``hidden_states``: 0 is the
   embedding output, ``L`` the last layer): one all-layer cache of the training windows is built
-  once (:func:`mtp_ext.train.build_cache` for WHS heads) and each layer's heads train on its
-  slice (:func:`mtp_ext.train.select_layer`), with identical steps and batches.
+  once (:func:`mtp_ext.training.build_cache` for WHS heads) and each layer's heads train on its
+  slice (:func:`mtp_ext.training.select_layer`), with identical steps and batches.
 - **WHS** (``"head_whs"``): the same training on the learned softmax-weighted sum of all layers.
 - **Joint variants** (``"head_<variant>"`` for the heads, ``"ntp_<variant>"`` for the backbone's
   own next-token prediction after training), each on a fresh copy of the backbone, heads reading
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..heads import MTPHeads
 from ..reference import stable_topk
-from ..train import TrainConfig, build_cache, select_layer, train_heads
+from ..training import TrainConfig, build_cache, select_layer, train_heads
 from .marginal import scored_positions
 from .progress import log
 from .samples import Sample

@@ -49,8 +49,8 @@ def format_pair(en: str, es: str) -> tuple[str, str]:
 
 
 def load_items(name: str, split: str) -> list[str]:
-    """Items of one split of a project text (see :mod:`mtp_ext.texts`)."""
-    from ..texts import load_text
+    """Items of one split of a project text (see :mod:`mtp_ext.data.texts`)."""
+    from ..data.texts import load_text
 
     return load_text(name, split)
 

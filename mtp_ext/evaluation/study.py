@@ -72,7 +72,7 @@ def _model_label(model) -> str:
 
 
 def _shipped(model) -> TrainedHeads | None:
-    from ..shipped import SHIPPED_HEADS, load_heads
+    from ..heads.shipped import SHIPPED_HEADS, load_heads
 
     name = _model_label(model)
     if name not in SHIPPED_HEADS:

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from .decoding import generate
-from .heads import MTPHeads
+from ..decoding import generate
+from ..heads import MTPHeads
 
 __all__ = ["Comparison", "compare_generate", "encode_prompt"]
 

@@ -1,13 +1,17 @@
-"""The main demonstration (``mtp-ext demo``): SmolLM2-135M with the shipped MTP heads generates
+"""``mtp-ext demo``, the main demonstration: SmolLM2-135M with the shipped MTP heads generates
 for a few prompts of different kinds, and for each one prints the text, the tokens accepted per
 step, the speed against ``model.generate`` run with the same settings, and whether the tokens are
-identical."""
+identical. ``mtp-ext demo --ops`` runs the op demonstration instead
+(:mod:`mtp_ext.cli.ops_demo`)."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 
 import torch
+
+__all__ = ["PROMPTS", "add_parser", "run", "run_decode_demo"]
 
 PROMPTS = [
     ("chat", "What is the capital of France, and what is it famous for?", True),
@@ -20,10 +24,10 @@ PROMPTS = [
 
 def run_decode_demo(model_name: str = "smollm2-135m", max_new_tokens: int = 96, tree=None) -> bool:
     """Runs the demonstration; returns True when every output equals ``model.generate``'s."""
-    from .assets import load_model
+    from ..data.assets import load_model
+    from ..heads.shipped import load_heads
+    from ..tree_tuning import auto_tree
     from .compare import compare_generate, encode_prompt
-    from .shipped import load_heads
-    from .tree_tuning import auto_tree
 
     model, tokenizer = load_model(model_name)
     heads = load_heads(model_name, model)
@@ -49,3 +53,29 @@ def run_decode_demo(model_name: str = "smollm2-135m", max_new_tokens: int = 96, 
     print(f"\nmedian speed-up over model.generate: {statistics.median(ratios):.2f}x; "
           f"all outputs identical: {'yes' if all_same else 'NO'}")
     return all_same
+
+
+def add_parser(sub) -> None:
+    """Adds the ``demo`` command to the subcommands ``sub``."""
+    p = sub.add_parser(
+        "demo", help="SmolLM2 with the shipped heads against model.generate (--ops: the op demo)"
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--ops", action="store_true",
+                   help="instead: run every op on model-sized random inputs, check and time it")
+    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size V (--ops)")
+    p.add_argument("--batch", type=int, default=8, help="batch size B")
+    p.add_argument("--k", type=int, default=8, help="intermediate tokens for marginalization")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``mtp-ext demo``; returns the exit status."""
+    if args.ops:
+        from .ops_demo import run_demo
+
+        run_demo(vocab=args.vocab, batch=args.batch, k=args.k, seed=args.seed)
+        return 0
+    return 0 if run_decode_demo(args.model, args.max_new_tokens) else 1

@@ -1,5 +1,5 @@
 """Self-distillation data: the backbone's own greedy continuations of prompts cut from a text
-(``mtp_ext.selfgen``).
+(``mtp_ext.data.selfgen``).
 
 Heads draft the backbone's own text at decoding time, and the backbone's generations differ from
 human text (an instruct model answers, lists and repeats itself). Training on a mix of the texts
@@ -46,7 +46,7 @@ def self_generated(
     """``num_sequences`` token lists: a prompt (the first ``prompt_tokens`` tokens of a randomly
     chosen text, or that prefix in a chat request) followed by the backbone's greedy continuation
     of up to ``new_tokens`` tokens (ending at EOS when it comes). Feed them to training beside the
-    texts (:func:`mtp_ext.train.tokenize_texts` takes token lists).
+    texts (:func:`mtp_ext.training.tokenize_texts` takes token lists).
 
     Args:
         model, tokenizer: the backbone and its tokenizer.

@@ -1,10 +1,15 @@
-"""What this installation of mtp_ext was built with and which backends each op has."""
+"""``mtp-ext info``: what this installation of mtp_ext was built with and which backends each op
+has."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-from . import __version__, ops
+from .. import __version__, ops
+
+__all__ = ["add_parser", "backends", "cuda_device_text", "info_text", "run"]
 
 OP_NAMES = [name for name in ops.__all__]
 
@@ -45,3 +50,15 @@ def info_text() -> str:
     for name in OP_NAMES:
         lines.append(f"  {name:<{width}}  {', '.join(backends(name)) or 'none'}")
     return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    """Adds the ``info`` command to the subcommands ``sub``."""
+    p = sub.add_parser("info", help="versions, build and the backends of every op")
+    p.set_defaults(func=run)
+
+
+def run(_: argparse.Namespace) -> int:
+    """Runs ``mtp-ext info``; returns the exit status."""
+    print(info_text())
+    return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .heads import MTPHeads
+from .base import MTPHeads
 
 __all__ = ["SHIPPED_HEADS", "load_heads", "shipped_heads_dir"]
 
@@ -21,7 +21,7 @@ def shipped_heads_dir(name: str) -> Path:
     """The folder of the heads shipped for the known model ``name``."""
     if name not in SHIPPED_HEADS:
         raise ValueError(f"no heads ship for {name!r}; shipped: {sorted(SHIPPED_HEADS)}")
-    folder = Path(__file__).parent / "shipped_heads" / SHIPPED_HEADS[name]
+    folder = Path(__file__).parent.parent / "shipped_heads" / SHIPPED_HEADS[name]
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"the shipped heads for {name!r} are missing from {folder}")
     return folder
@@ -40,7 +40,7 @@ def load_heads(name: str, model=None, dtype: torch.dtype | None = None) -> MTPHe
     """
     folder = shipped_heads_dir(name)
     if model is None:
-        from .assets import load_model
+        from ..data.assets import load_model
 
         model, _ = load_model(name)
     if dtype is None:

@@ -1,5 +1,5 @@
-"""A short demonstration of the ops on model-sized random inputs: each op is run, checked against
-its reference, and timed against it (medians, same process)."""
+"""``mtp-ext demo --ops``: a short demonstration of the ops on model-sized random inputs: each op
+is run, checked against its reference, and timed against it (medians, same process)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from typing import Callable
 
 import torch
 
-from . import ops, reference
+from .. import ops, reference
+
+__all__ = ["run_demo"]
 
 
 def _median_ms(fn: Callable[[], object], repeat: int = 5) -> float:

@@ -1,0 +1,98 @@
+"""Configuration of :class:`~mtp_ext.heads.MTPHeads` (saved as ``config.json`` beside the weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+from .registry import KINDS
+
+__all__ = ["MTPHeadsConfig", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "heads.safetensors"
+
+
+@dataclasses.dataclass
+class MTPHeadsConfig:
+    """Configuration of :class:`MTPHeads` (saved as ``config.json``).
+
+    Attributes:
+        num_heads: ``H >= 1``; head ``h`` predicts the token at ``t + 1 + h``.
+        hidden_size: the backbone's ``D``.
+        vocab_size: the backbone's ``V`` (rows of its unembedding).
+        kind: ``"resblock"``, ``"linear"``, ``"conditioned"`` or ``"transformer"`` (one decoder
+            block per head, initialized from the backbone's last decoder layer; needs inputs with a
+            sequence axis ``[B, S, D]``).
+        layer: index into the backbone's ``hidden_states`` tuple (default -1, the last), or
+            ``"whs"`` (learned softmax-weighted sum over all of them).
+        num_layers: the backbone's number of decoder layers ``L`` (``hidden_states`` has ``L + 1``
+            elements); required for ``"whs"`` and for a non-negative ``layer``, recorded otherwise.
+        whs_per_channel: with ``"whs"``, one softmax per channel (weights ``[L + 1, D]``).
+        draft_vocab_size: ``N`` to draft over ``N`` tokens only, or None for the whole vocabulary.
+        backbone: the backbone's name (``model.name_or_path``), checked on loading when recorded.
+        rms_norm_eps: epsilon of the backbone's final RMSNorm (also used by the conditioned heads'
+            own RMSNorms).
+    """
+
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    kind: str = "resblock"
+    layer: Union[int, str] = -1
+    num_layers: int | None = None
+    whs_per_channel: bool = False
+    draft_vocab_size: int | None = None
+    backbone: str = ""
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if int(self.num_heads) < 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
+        if int(self.hidden_size) < 1 or int(self.vocab_size) < 1:
+            raise ValueError(
+                f"hidden_size and vocab_size must be >= 1, got {self.hidden_size}, "
+                f"{self.vocab_size}"
+            )
+        if isinstance(self.layer, str):
+            if self.layer != "whs":
+                raise ValueError(f"layer must be an int or 'whs', got {self.layer!r}")
+            if self.num_layers is None:
+                raise ValueError("layer='whs' needs num_layers (the backbone's layer count)")
+        elif isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"layer must be an int or 'whs', got {self.layer!r}")
+        elif self.num_layers is not None:
+            n = self.num_layers + 1
+            if not -n <= self.layer < n:
+                raise ValueError(
+                    f"layer must be in [-{n}, {n}) for a backbone with {self.num_layers} layers "
+                    f"({n} hidden states), got {self.layer}"
+                )
+        elif self.layer >= 0:
+            raise ValueError(f"layer={self.layer} (non-negative) needs num_layers")
+        if self.whs_per_channel and self.layer != "whs":
+            raise ValueError("whs_per_channel needs layer='whs'")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
+                f"got {self.draft_vocab_size}"
+            )
+
+    @property
+    def reads_last(self) -> bool:
+        """True when the heads read the last element of ``hidden_states`` alone (already normed)."""
+        if self.layer == "whs":
+            return False
+        if self.layer < 0:
+            return self.layer == -1
+        return self.layer == self.num_layers
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MTPHeadsConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
