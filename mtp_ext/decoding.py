@@ -173,7 +173,10 @@ def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpe
         if tree < 1:
             raise ValueError(f"tree must be >= 1 nodes, got {tree}")
         return DynamicTree(size=tree, width=min(4, max(1, tree - 1)))
-    if isinstance(tree, str) and tree == "chain":
+    if isinstance(tree, str):
+        if tree != "chain":
+            raise ValueError(f"tree must be None, 'auto', 'chain', a node count or a list of paths, "
+                             f"got {tree!r}")
         return chain(heads.config.num_heads)
     if isinstance(tree, Sequence):
         return StaticTree(tree)
@@ -264,7 +267,10 @@ def generate(
     on_step = kwargs.pop("_on_step", None)  # internal: called with (tree, num_accepted, path)
     t_start = time.perf_counter()
     check_arguments(kwargs)
-    check_input_ids(input_ids)
+    if not isinstance(heads, MTPHeads):
+        raise TypeError(f"heads must be MTPHeads (mtp_ext.load_heads or MTPHeads.from_pretrained), "
+                        f"got {type(heads).__name__}; model.generate decodes without heads")
+    check_input_ids(input_ids, model.get_input_embeddings().weight.shape[0])
     ops = _resolve_backend(backend)
     lookup = lookup_length(prompt_lookup_num_tokens)
     settings = resolve_settings(

@@ -4,6 +4,7 @@ checks of its arguments (``mtp_ext.settings``)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -40,6 +41,11 @@ _UNSUPPORTED_CONFIG = {
     "exponential_decay_length_penalty": None,
     "watermarking_config": None,
 }
+
+
+# The smallest normal float32: below it, logits / temperature overflows float32 for any logit of
+# order one (and 1 / temperature does below about 2.9e-39).
+_MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclasses.dataclass
@@ -100,6 +106,11 @@ def resolve_settings(model, input_len: int, generation_config=None, **given) -> 
     if do_sample:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if temperature < _MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be at least {_MIN_TEMPERATURE:.4g} (the smallest normal float32) "
+                f"when sampling, got {temperature}"
+            )
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
@@ -149,27 +160,49 @@ def check_arguments(kwargs: dict) -> None:
         raise ValueError("mtp_ext.generate always uses the key/value cache (use_cache=False given)")
 
 
-def check_input_ids(input_ids) -> None:
-    """Raises ValueError unless ``input_ids`` is an int64 ``[B, P]`` tensor with ``P >= 1``."""
+def check_input_ids(input_ids, vocab_size: int | None = None) -> None:
+    """Raises ValueError unless ``input_ids`` is an int64 ``[B, P]`` tensor with ``B, P >= 1``
+    holding token ids in ``[0, vocab_size)`` (when given; one host read of its minimum and
+    maximum)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(
             f"input_ids must be an int64 tensor [B, P], got "
             f"{getattr(input_ids, 'dtype', type(input_ids))} {list(getattr(input_ids, 'shape', []))}"
         )
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids must hold at least one row, got an empty batch [0, P]")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids must hold at least one token per row")
+    if vocab_size is not None:
+        low, high = (int(v) for v in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids must be token ids in [0, {vocab_size}) (the model's vocabulary), got "
+                f"{bad}"
+            )
 
 
 def resolve_attention_mask(attention_mask, input_ids: torch.Tensor,
                            settings: GenerationSettings) -> torch.Tensor:
-    """The call's ``[B, P]`` attention mask: the one given (checked against ``input_ids``), or
-    inferred as transformers does (:func:`default_attention_mask`)."""
+    """The call's ``[B, P]`` int64 attention mask of 0 and 1: the one given (checked against
+    ``input_ids``; any non-zero value is a token, as transformers reads it), or inferred as
+    transformers does (:func:`default_attention_mask`). Warns, as transformers does, when a row
+    is right-padded (its last position masked): decoder-only models continue from the last
+    position, so such a row generates from padding."""
     if attention_mask is None:
-        return default_attention_mask(input_ids, settings)
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        attention_mask = default_attention_mask(input_ids, settings)
+    elif not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
-            f"got {list(attention_mask.shape)}"
+            f"got {list(getattr(attention_mask, 'shape', [type(attention_mask).__name__]))}"
+        )
+    attention_mask = (attention_mask != 0).long()
+    if not bool(attention_mask[:, -1].all()):
+        warnings.warn(
+            "right-padding was detected (a row's last position is masked): decoder-only models "
+            "generate after the last position, so pad on the left (tokenizer padding_side='left')",
+            UserWarning, stacklevel=3,
         )
     return attention_mask
 

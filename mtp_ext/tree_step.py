@@ -215,11 +215,11 @@ def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: tor
     )
     root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
     parents = torch.full((1,), -1, dtype=torch.long, device=device)
-    temp = settings.temperature if settings.do_sample else 0.0
-    _, first, _ = ops.verify_tree(
-        root_draft, parents, out.logits[:, -1][:, None], temp, settings.top_k, settings.top_p,
-        uniforms_fn((B, 1)) if settings.do_sample else None,
-    )
+    if settings.do_sample:
+        sampling = (settings.temperature, settings.top_k, settings.top_p, uniforms_fn((B, 1)))
+    else:  # greedy: the sampling settings are ignored, as model.generate ignores them
+        sampling = (0.0, 0, 1.0, None)
+    _, first, _ = ops.verify_tree(root_draft, parents, out.logits[:, -1][:, None], *sampling)
     first = first[:, 0]
     return start_state(model, heads, cache, out, attention_mask.bool(), pos, first), first
 

@@ -264,8 +264,14 @@ class MTPHeads(nn.Module):
             config, lm_head, norm_w, embed, dtype=dtype,
             **kind_class(config.kind)._backbone_kwargs(model),
         )
-        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(lm_head.device))
+        path = os.path.join(directory, WEIGHTS_NAME)
+        state = load_file(path, device=str(lm_head.device))
         heads.load_state_dict(state, strict=True)
+        if heads.vocab_ids is not None:
+            try:
+                heads.set_draft_vocab(heads.vocab_ids.clone())
+            except ValueError as e:
+                raise ValueError(f"{path!r} holds an invalid draft vocabulary (vocab_ids): {e}") from None
         return heads
 
     # ------------------------------------------------------------------------------------------

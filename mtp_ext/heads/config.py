@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Union
 
 from .registry import KINDS
@@ -47,6 +48,7 @@ class MTPHeadsConfig:
     rms_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        self._check_types()
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
         if int(self.num_heads) < 1:
@@ -79,6 +81,30 @@ class MTPHeadsConfig:
                 f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
                 f"got {self.draft_vocab_size}"
             )
+
+    def _check_types(self) -> None:
+        """Raises ValueError naming a field whose value has the wrong type (a config file edited
+        by hand, or written by another tool), before anything uses it."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("num_heads", "hidden_size", "vocab_size"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int, got {getattr(self, name)!r}")
+        for name in ("num_layers", "draft_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and not is_int(value):
+                raise ValueError(f"{name} must be an int or None, got {value!r}")
+        if not isinstance(self.kind, str):
+            raise ValueError(f"kind must be a string, got {self.kind!r}")
+        if not isinstance(self.whs_per_channel, bool):
+            raise ValueError(f"whs_per_channel must be a bool, got {self.whs_per_channel!r}")
+        if not isinstance(self.backbone, str):
+            raise ValueError(f"backbone must be a string, got {self.backbone!r}")
+        eps = self.rms_norm_eps
+        if (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                or eps <= 0):
+            raise ValueError(f"rms_norm_eps must be a positive finite number, got {eps!r}")
 
     @property
     def reads_last(self) -> bool:
