@@ -14,7 +14,8 @@ when no tree pays.
   :func:`~mtp_ext.tree_step.run_step` as ``generate`` runs them.
 
 :func:`auto_tree` caches the chosen size per model, device, dtype, heads and thread count in a JSON
-file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once.
+file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once; where that folder cannot
+be written, the profile is kept for the process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import ops
+from .data.cache import cache_dir, remove_stale_temps, temp_file, warn_once
 from .heads import MTPHeads
 from .settings import GenerationSettings
 from .tree_step import prefill, run_step, step_linears
@@ -177,21 +179,53 @@ def _profile_key(model, heads: MTPHeads) -> str:
 
 
 def _profile_path(key: str) -> Path:
-    from .data.cache import cache_dir
+    return cache_dir() / "tree_profiles" / f"{key}.json"
 
-    return Path(cache_dir()) / "tree_profiles" / f"{key}.json"
+
+# Profiles that could not be saved in the cache, by the path they would have had: kept for the
+# process, so that a read-only cache profiles once per process rather than on every call.
+_PROFILES: dict[str, TreeProfile] = {}
+
+
+def _read_profile(path: Path) -> DynamicTree | None:
+    """The tree of the profile saved at ``path``, or None where there is none or it is damaged."""
+    try:
+        with open(path) as f:
+            return TreeProfile(**json.load(f)).tree()
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _save_profile(path: Path, profile: TreeProfile) -> None:
+    """Saves ``profile`` at ``path``; where that fails, keeps it for the process, saying so once."""
+    remove_stale_temps(path.parent)
+    try:
+        tmp = temp_file(path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(dataclasses.asdict(profile), f, indent=2)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        _PROFILES[str(path)] = profile
+        warn_once(f"profile:{path}", f"mtp_ext: the draft tree profile could not be saved in "
+                  f"{path.parent} ({err}); it is kept for this process only")
 
 
 def auto_tree(
     model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = False, progress: bool = False
 ) -> DynamicTree:
     """The dynamic tree whose size measured fastest for this model, device, dtype, heads and thread
-    count: read from the cache, or profiled on ``input_ids`` (its first row) and cached."""
-    key = _profile_key(model, heads)
-    path = _profile_path(key)
-    if path.is_file() and not refresh:
-        with open(path) as f:
-            return TreeProfile(**json.load(f)).tree()
+    count: read from the cache, or profiled on ``input_ids`` (its first row) and cached (for the
+    process only, with one warning, where the cache cannot be written)."""
+    path = _profile_path(_profile_key(model, heads))
+    if not refresh:
+        tree = _read_profile(path)
+        if tree is None and str(path) in _PROFILES:
+            tree = _PROFILES[str(path)].tree()
+        if tree is not None:
+            return tree
     sizes, width = default_grid(heads.lm_head_weight.device)
     if progress:
         print("profiling draft tree sizes (once per model, device, dtype, heads and threads)")
@@ -200,9 +234,5 @@ def auto_tree(
               f"dtype, heads and thread count (once; cached in {path.parent})", file=sys.stderr,
               flush=True)
     profile = profile_tree_sizes(model, heads, input_ids, sizes, width, progress=progress)
-    os.makedirs(path.parent, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(dataclasses.asdict(profile), f, indent=2)
-    os.replace(tmp, path)
+    _save_profile(path, profile)
     return profile.tree()

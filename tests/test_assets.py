@@ -81,3 +81,22 @@ def test_real_model_loads_and_answers(name):
     assert "France" in tokenizer.decode(out[0, ids.shape[1]:]) or "Paris" in tokenizer.decode(
         out[0, ids.shape[1]:]
     )
+
+
+def test_verify_must_be_quick_or_full():
+    with pytest.raises(ValueError, match="verify must be 'quick' or 'full'"):
+        assets.load_model("smollm2-135m", verify="sometimes")
+
+
+def test_publish_keeps_the_entry_that_appeared_first(tmp_path):
+    from mtp_ext.data import cache
+
+    dest = tmp_path / "entry"
+    first, second = cache.temp_dir(dest), cache.temp_dir(dest)
+    assert first != second and first.name.startswith(".entry.") and first.name.endswith(".tmp")
+    (first / "a").write_text("first")
+    (second / "a").write_text("second")
+    assert cache.publish(first, dest) and not first.exists()
+    assert not cache.publish(second, dest) and not second.exists()
+    assert (dest / "a").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
