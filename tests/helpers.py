@@ -349,6 +349,16 @@ def tiny_llama(
     return model
 
 
+def cycle_texts(vocab: int, seq: int, n_seqs: int, seed: int) -> torch.Tensor:
+    """``[n_seqs, seq]`` token ids following one fixed cycle of 16 distinct ids below ``vocab``,
+    each row at a random phase (``seed``): the token at ``t + 2`` is a function of the token at
+    ``t``, which trained heads learn."""
+    cycle = torch.randperm(vocab, generator=torch.Generator().manual_seed(123))[:16]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 16, (n_seqs,), generator=g)
+    return cycle[(starts[:, None] + torch.arange(seq)[None]) % 16]
+
+
 def perturbed_heads(model, kind: str = "conditioned", seed: int = 0, scale: float = 0.05, num_heads: int = 3,
                     **kw):
     """``MTPHeads.for_model(model, num_heads, kind, **kw)`` with Gaussian noise (``scale``) added to

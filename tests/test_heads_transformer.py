@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import cycle_texts, tiny_llama
 
 from mtp_ext import reference
 from mtp_ext import training as T
@@ -304,10 +304,7 @@ TR_VOCAB, TR_HIDDEN, SEQ = 200, 32, 32
 
 def _cycle_texts(n_seqs, seed):
     """``n_seqs`` sequences of SEQ tokens following one fixed cycle of 16 tokens, random phase."""
-    cycle = torch.randperm(TR_VOCAB, generator=torch.Generator().manual_seed(123))[:16]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, 16, (n_seqs,), generator=g)
-    return cycle[(starts[:, None] + torch.arange(SEQ)[None]) % 16]
+    return cycle_texts(TR_VOCAB, SEQ, n_seqs, seed)
 
 
 @pytest.fixture(scope="module")

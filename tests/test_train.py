@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from helpers import tiny_llama, word_tokenizer
+from helpers import cycle_texts, tiny_llama, word_tokenizer
 
 from mtp_ext import training as T
 from mtp_ext.heads import MTPHeads
@@ -28,12 +28,7 @@ def _tiny_llama(seed=0):
 
 
 def _cycle_texts(n_seqs, seed):
-    """``n_seqs`` sequences of SEQ tokens following one fixed cycle of 16 tokens, random phase."""
-    cycle = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(123))[:16]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, 16, (n_seqs,), generator=g)
-    pos = (starts[:, None] + torch.arange(SEQ)[None]) % 16
-    return cycle[pos]
+    return cycle_texts(VOCAB, SEQ, n_seqs, seed)
 
 
 @pytest.fixture(scope="module")

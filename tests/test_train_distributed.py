@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_llama
+from helpers import cycle_texts, tiny_llama
 
 from mtp_ext import training as T
 from mtp_ext.heads import MTPHeads
@@ -35,11 +35,7 @@ LAUNCH_TIMEOUT_S = 300
 
 
 def _cycle_texts(n_seqs: int, seed: int) -> torch.Tensor:
-    """``n_seqs`` sequences of SEQ tokens following one fixed cycle of 16 tokens, random phase."""
-    cycle = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(123))[:16]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, 16, (n_seqs,), generator=g)
-    return cycle[(starts[:, None] + torch.arange(SEQ)[None]) % 16]
+    return cycle_texts(VOCAB, SEQ, n_seqs, seed)
 
 
 def _free_port() -> int:

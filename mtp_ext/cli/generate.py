@@ -13,9 +13,12 @@ def _tree_arg(text: str):
     if text == "chain":
         return text
     try:
-        return int(text)
+        nodes = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--tree must be a node count or 'chain', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a node count or 'chain', got {text!r}")
+    if nodes < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 node, got {nodes}")
+    return nodes
 
 
 def add_parser(sub) -> None:
@@ -39,8 +42,29 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _settings(args: argparse.Namespace) -> dict:
+    """The decoding settings of ``args``, checked as ``mtp_ext.generate`` checks them (ValueError)
+    before any model loads; the heads folder (or shipped heads) and the model are checked too."""
+    from ..heads.shipped import SHIPPED_HEADS
+    from ..settings import resolve_settings
+    from .checks import check_heads_folder, check_model
+
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    resolve_settings(None, 1, **settings)
+    check_model(args.model)
+    if args.heads:
+        check_heads_folder(args.heads, "--heads")
+    elif args.model not in SHIPPED_HEADS:
+        raise ValueError(f"no heads ship for --model {args.model!r} (shipped for: "
+                         f"{', '.join(sorted(SHIPPED_HEADS))}); give a heads folder with --heads")
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``mtp-ext generate``; returns the exit status."""
+    settings = _settings(args)
     import torch
 
     from ..data.assets import load_model
@@ -58,18 +82,19 @@ def run(args: argparse.Namespace) -> int:
 
         tree = auto_tree(model, heads, ids, progress=True)
         print(f"[mtp-ext] draft tree: {tree.size} nodes", file=sys.stderr)
-    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, tree=tree)
+    settings["tree"] = tree
     if args.do_sample:
-        settings.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        generator=torch.Generator().manual_seed(args.seed))
+        settings["generator"] = torch.Generator().manual_seed(args.seed)
     streamer = None
     if not args.no_stream:
         from transformers import TextStreamer
 
-        streamer = TextStreamer(tokenizer, skip_prompt=False)
+        # Special tokens (the chat template's markers, the end token) are not text, as in
+        # transformers' pipelines.
+        streamer = TextStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
     res = compare_generate(model, heads, ids, reference=args.compare, streamer=streamer, **settings)
     if streamer is None:
-        print(tokenizer.decode(res.sequences[0], skip_special_tokens=False))
+        print(tokenizer.decode(res.sequences[0], skip_special_tokens=True))
     print(f"\n[mtp-ext] {res.new_tokens} tokens in {res.seconds:.2f} s "
           f"({res.tokens_per_second:.1f} tokens/s, {res.tokens_per_step:.2f} tokens per step)")
     if args.compare:

@@ -90,8 +90,6 @@ def _start_distributed(device: str, timeout_min: float) -> tuple[bool, str]:
         return False, device
     cuda = device.startswith("cuda")
     if cuda:
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
@@ -101,19 +99,71 @@ def _start_distributed(device: str, timeout_min: float) -> tuple[bool, str]:
     return True, device
 
 
+def _config(args: argparse.Namespace):
+    """The :class:`~mtp_ext.training.TrainConfig` of ``args``, after the checks of the values and
+    inputs that need no model (ValueError, FileNotFoundError), so that a bad one fails at once."""
+    import os
+
+    from ..training import TrainConfig
+    from .checks import check_heads_folder, check_model
+
+    for flag, value in [("--num-heads", args.num_heads), ("--threads", args.threads),
+                        ("--draft-vocab", args.draft_vocab),
+                        ("--self-generated-tokens", args.self_generated_tokens)]:
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, value in [("--self-generated", args.self_generated),
+                        ("--eval-every", args.eval_every),
+                        ("--checkpoint-every", args.checkpoint_every)]:
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if not 0 <= args.self_generated_chat <= 1:
+        raise ValueError(f"--self-generated-chat must be in [0, 1], got {args.self_generated_chat}")
+    check_model(args.model)
+    if args.init_heads:
+        check_heads_folder(args.init_heads, "--init-heads")
+    if args.tokens:
+        if not os.path.isfile(args.tokens):
+            raise FileNotFoundError(f"--tokens {args.tokens!r}: no such file")
+    else:
+        from ..data.texts import TEXTS
+
+        names = [n for n in args.texts.split(",") if n]
+        unknown = [n for n in names if n not in TEXTS]
+        if unknown or not names:
+            what = f"unknown texts {unknown}" if unknown else "no text"
+            raise ValueError(f"--texts {args.texts!r} names {what}; known: {', '.join(TEXTS)}")
+    return TrainConfig(
+        steps=args.steps, seq_len=args.seq_len, target=args.target,
+        batch_positions=args.batch_positions, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, seed=args.seed,
+        cache_hidden=not args.no_cache, cache_dir=args.cache_dir,
+        max_train_tokens=args.max_train_tokens, max_val_tokens=args.max_val_tokens,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=args.out,
+        resume=not args.no_resume, progress=not args.no_progress, joint=args.joint,
+        joint_seqs=args.joint_seqs, mtp_lambda=args.mtp_lambda, backbone_lr=args.backbone_lr,
+        head_warmup_steps=args.head_warmup_steps,
+        draft_vocab_from="keep" if args.init_heads else args.draft_vocab_from,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``mtp-ext train-heads``; returns the exit status."""
+    import torch
     import torch.distributed as dist
 
+    config = _config(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
     owned, device = _start_distributed(args.device, args.dist_timeout)
     try:
-        return _run_train_heads(args, device)
+        return _run_train_heads(args, config, device)
     finally:
         if owned:
             dist.destroy_process_group()
 
 
-def _run_train_heads(args: argparse.Namespace, device: str) -> int:
+def _run_train_heads(args: argparse.Namespace, config, device: str) -> int:
     import json
     import os
     import time
@@ -122,7 +172,7 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
 
     from ..data.assets import load_model
     from ..heads import MTPHeads
-    from ..training import TrainConfig, dist_info, train_heads
+    from ..training import dist_info, train_heads
 
     rank = dist_info()[0]
     torch.manual_seed(args.seed)
@@ -165,18 +215,6 @@ def _run_train_heads(args: argparse.Namespace, device: str) -> int:
     if args.init_heads:
         # Start from trained heads (their kind, layer and vocabulary replace the flags above).
         heads = MTPHeads.from_pretrained(args.init_heads, model)
-    config = TrainConfig(
-        steps=args.steps, seq_len=args.seq_len, target=args.target,
-        batch_positions=args.batch_positions, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, seed=args.seed,
-        cache_hidden=not args.no_cache, cache_dir=args.cache_dir,
-        max_train_tokens=args.max_train_tokens, max_val_tokens=args.max_val_tokens,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, out_dir=args.out,
-        resume=not args.no_resume, progress=not args.no_progress, joint=args.joint,
-        joint_seqs=args.joint_seqs, mtp_lambda=args.mtp_lambda, backbone_lr=args.backbone_lr,
-        head_warmup_steps=args.head_warmup_steps,
-        draft_vocab_from="keep" if args.init_heads else args.draft_vocab_from,
-    )
     result = train_heads(model, tokenizer, heads, texts_train, texts_val, config)
     if rank != 0:  # rank 0 writes the summary (train_heads wrote the rest)
         return 0

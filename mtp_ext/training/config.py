@@ -57,4 +57,7 @@ class TrainConfig:
                 f"draft_vocab_from must be 'greedy', 'text' or 'keep', got {self.draft_vocab_from!r}"
             )
         if self.steps < 0 or self.batch_positions < 1:
-            raise ValueError("steps must be >= 0 and batch_positions >= 1")
+            raise ValueError(
+                f"steps must be >= 0 and batch_positions >= 1, got steps={self.steps}, "
+                f"batch_positions={self.batch_positions}"
+            )

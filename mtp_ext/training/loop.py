@@ -14,7 +14,7 @@ import torch
 
 from ..heads import MTPHeads
 from .cache import memory_cache, shared_cache
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     all_reduce_grads, barrier, broadcast_params, check_distributed, check_same_step, dist_info,
@@ -99,12 +99,14 @@ def train_heads(
     evals: list[dict] = []
     step = 0
     ckpt = os.path.join(config.out_dir, "checkpoint") if config.out_dir else None
-    if ckpt and config.resume and os.path.isfile(os.path.join(ckpt, "trainer.pt")):
+    found = find_checkpoint(ckpt) if ckpt and config.resume else None
+    if found:
         step, history = load_checkpoint(
-            ckpt, heads, optimizer, scheduler, gen, model if config.joint else None
+            found, heads, optimizer, scheduler, gen, model if config.joint else None
         )
         if rank == 0:
-            print(f"train-heads: resumed from {ckpt} at step {step}", file=sys.stderr)
+            note = "" if found == ckpt else f" (the run stopped while replacing {ckpt})"
+            print(f"train-heads: resumed from {found} at step {step}{note}", file=sys.stderr)
     device = heads.lm_head_weight.device
     check_same_step(step, world, device)
 
