@@ -1,5 +1,9 @@
 #include "checks.h"
 
+#include <ATen/MemoryOverlap.h>
+#include <c10/util/safe_numerics.h>
+
+#include <limits>
 #include <sstream>
 
 #include "kernels/tree.h"
@@ -48,6 +52,15 @@ void check_k(int64_t k, int64_t vocab, const char* op, const char* name) {
                     "], got ", k);
 }
 
+void check_output_size(at::IntArrayRef sizes, int64_t elem_bytes, const char* op,
+                       const char* what) {
+  int64_t bytes = elem_bytes;
+  bool overflow = false;
+  for (const int64_t n : sizes) overflow = overflow || c10::mul_overflows(bytes, n, &bytes);
+  TORCH_CHECK_VALUE(!overflow, op, ": ", what, " = ", sizes,
+                    " is too large: it would need more than 2^63 - 1 bytes");
+}
+
 void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::Tensor& hidden,
                        int64_t depth, const char* op) {
   if (!norm_weight.has_value()) return;
@@ -57,16 +70,26 @@ void check_norm_weight(const c10::optional<at::Tensor>& norm_weight, const at::T
   check_same_device(hidden, *norm_weight, op, "hidden", "norm_weight");
 }
 
+void check_temperature(double temperature, const char* op, bool zero_is_greedy) {
+  if (zero_is_greedy && temperature == 0) return;
+  const double largest = std::numeric_limits<float>::max(), smallest = 1.0 / largest;
+  TORCH_CHECK_VALUE(temperature >= smallest && temperature <= largest, op, ": temperature must be ",
+                    zero_is_greedy ? "0 (greedy) or " : "", "in [", smallest, ", ", largest,
+                    "] (it and 1 / temperature finite in float32), got ", temperature);
+}
+
 void check_softmax_topk(const at::Tensor& logits, int64_t k, double temperature) {
   const char* op = "mtp_ext.softmax_topk";
   check_floating(logits, op, "logits");
   TORCH_CHECK_VALUE(logits.dim() >= 1, op, ": logits must have at least 1 dim [..., V], got shape ",
                     shape_str(logits));
   check_k(k, logits.size(-1), op, "k");
-  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  check_temperature(temperature, op, /*zero_is_greedy=*/false);
 }
 
-void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, const char* op) {
+namespace {
+// The inputs marginalize and topk_marginalize share.
+void check_mixture(const at::Tensor& next_logits, const at::Tensor& weights, const char* op) {
   check_floating(next_logits, op, "next_logits");
   check_floating(weights, op, "weights");
   check_dims(next_logits, 3, "[B, L, V]", op, "next_logits");
@@ -78,11 +101,20 @@ void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights,
   TORCH_CHECK_VALUE(next_logits.size(2) >= 1, op, ": next_logits must have V >= 1, got shape ",
                     shape_str(next_logits));
 }
+}  // namespace
+
+void check_marginalize(const at::Tensor& next_logits, const at::Tensor& weights) {
+  const char* op = "mtp_ext.marginalize";
+  check_mixture(next_logits, weights, op);
+  check_output_size({next_logits.size(0), next_logits.size(2)}, 4, op,
+                    "the output [B, V] (next_logits' B and V)");
+}
 
 void check_topk_marginalize(const at::Tensor& next_logits, const at::Tensor& weights, int64_t m) {
   const char* op = "mtp_ext.topk_marginalize";
-  check_marginalize(next_logits, weights, op);
+  check_mixture(next_logits, weights, op);
   check_k(m, next_logits.size(2), op, "m");
+  check_output_size({next_logits.size(0), m}, 8, op, "the outputs [B, m] (next_logits' B, m)");
 }
 
 void check_fused_mtp_heads(const at::Tensor& hidden, const c10::optional<at::Tensor>& weight,
@@ -124,6 +156,8 @@ void check_fused_mtp_heads(const at::Tensor& hidden, const c10::optional<at::Ten
     check_size(*vocab_ids, 0, lm_head.size(0), op, "vocab_ids", "V (the rows of lm_head)");
     check_same_device(hidden, *vocab_ids, op, "hidden", "vocab_ids");
   }
+  check_output_size({hidden.size(0), num_heads(weight), k}, 8, op,
+                    "the outputs [N, H, k] (hidden's N, weight's H, k)");
 }
 
 int64_t num_heads(const c10::optional<at::Tensor>& weight) {
@@ -145,6 +179,7 @@ void check_small_batch_linear(const at::Tensor& x, const at::Tensor& weight,
     check_size(*bias, 0, weight.size(0), op, "bias", "N");
     check_same_device(x, *bias, op, "x", "bias");
   }
+  check_output_size({x.size(0), weight.size(0)}, 4, op, "the output [M, N] (x's M, weight's N)");
 }
 
 void check_parents_shape(const at::Tensor& parents, const char* op) {
@@ -162,7 +197,39 @@ at::ScalarType check_tree_attention_mask(const at::Tensor& parents, int64_t pref
   const at::ScalarType mask_dtype = dtype.value_or(at::kFloat);
   TORCH_CHECK_TYPE(at::isFloatingType(mask_dtype), op, ": dtype must be a floating dtype, got ",
                    mask_dtype);
+  // The mask [..., T, prefix_len + T] must have a size that int64 counts, in bytes.
+  const int64_t t = parents.size(-1);
+  int64_t width = 0, bytes = static_cast<int64_t>(at::elementSize(mask_dtype));
+  bool overflow = c10::add_overflows(prefix_len, t, &width);
+  for (const int64_t n : parents.sizes()) {
+    overflow = overflow || c10::mul_overflows(bytes, n, &bytes);
+  }
+  overflow = overflow || c10::mul_overflows(bytes, width, &bytes);
+  TORCH_CHECK_VALUE(!overflow, op, ": prefix_len = ", prefix_len,
+                    " is too large: the mask [..., T, prefix_len + T] with parents of shape ",
+                    shape_str(parents), " would need more than 2^63 - 1 bytes of ", mask_dtype);
   return mask_dtype;
+}
+
+at::Tensor empty_tree_mask(const at::Tensor& parents, int64_t prefix_len, at::ScalarType dtype) {
+  auto shape = parents.sizes().vec();
+  shape.push_back(prefix_len + parents.size(-1));
+  const auto describe = [&] {
+    std::ostringstream out;
+    out << "mtp_ext.tree_attention_mask: the mask for prefix_len = " << prefix_len << ", of shape "
+        << at::IntArrayRef(shape) << " and dtype " << dtype << ", needs "
+        << c10::multiply_integers(shape) * static_cast<int64_t>(at::elementSize(dtype))
+        << " bytes: ";
+    return out.str();
+  };
+  try {
+    return at::empty(shape, parents.options().dtype(dtype));
+  } catch (const c10::OutOfMemoryError& e) {
+    TORCH_CHECK_WITH(OutOfMemoryError, false, describe(), e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, describe(), e.what_without_backtrace());
+  }
+  return at::Tensor();
 }
 
 void check_tree_inputs(const at::Tensor& draft_tokens, const at::Tensor& parents, const char* op) {
@@ -214,7 +281,7 @@ void check_verify_tree(const at::Tensor& draft_tokens, const at::Tensor& parents
   TORCH_CHECK_VALUE(target_logits.size(2) >= 1, op, ": target_logits must have V >= 1, got shape ",
                     shape_str(target_logits));
   check_same_device(draft_tokens, target_logits, op, "draft_tokens", "target_logits");
-  TORCH_CHECK_VALUE(temperature >= 0, op, ": temperature must be >= 0, got ", temperature);
+  check_temperature(temperature, op, /*zero_is_greedy=*/true);
   TORCH_CHECK_VALUE(top_k >= 0, op, ": top_k must be >= 0 (0 keeps all), got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
   if (temperature > 0) {
@@ -243,9 +310,19 @@ void check_compact_kv(const at::Tensor& cache, const at::Tensor& path,
   check_same_device(cache, path, op, "cache", "path");
   check_same_device(cache, num_accepted, op, "cache", "num_accepted");
   TORCH_CHECK_VALUE(prefix_len >= 0, op, ": prefix_len must be >= 0, got ", prefix_len);
-  TORCH_CHECK_VALUE(prefix_len + path.size(1) <= cache.size(2), op,
-                    ": the tree must fit in the cache: prefix_len + T = ", prefix_len + path.size(1),
-                    " > S = ", cache.size(2), " (cache shape ", shape_str(cache), ")");
+  // prefix_len + T <= S, compared without computing the sum (prefix_len may be near 2^63).
+  const int64_t t = path.size(1), s = cache.size(2);
+  TORCH_CHECK_VALUE(t <= s && prefix_len <= s - t, op,
+                    ": the tree must fit in the cache: prefix_len + T <= S, got prefix_len = ",
+                    prefix_len, ", T = ", t, " (path shape ", shape_str(path), ") and S = ", s,
+                    " (cache shape ", shape_str(cache), ")");
+  TORCH_CHECK_VALUE(cache.stride(3) == 1, op,
+                    ": cache must be contiguous in its last dim (head_dim), got strides ",
+                    cache.strides());
+  TORCH_CHECK_VALUE(at::has_internal_overlap(cache) != at::MemOverlap::Yes, op,
+                    ": cache is written in place, so its entries must not share memory (an "
+                    "expanded tensor), got shape ",
+                    shape_str(cache), " and strides ", cache.strides());
 }
 
 namespace {
@@ -290,6 +367,15 @@ void check_tree_values(const at::Tensor& parents, const char* op) {
   }
 }
 
+void check_uniforms_values(const at::Tensor& uniforms, const char* op) {
+  const int64_t t = uniforms.size(1);
+  const float* u = uniforms.const_data_ptr<float>();
+  for (int64_t i = 0; i < uniforms.numel(); ++i) {
+    TORCH_CHECK_VALUE(u[i] >= 0.0f && u[i] < 1.0f, op, ": uniforms must be in [0, 1), got ", u[i],
+                      " at [", i / t, ", ", i % t, "]");
+  }
+}
+
 void check_nonnegative(const at::Tensor& weights, const char* op, const char* name) {
   if (weights.numel() == 0) return;
   const at::Tensor bad = (weights < 0) | weights.isnan();
@@ -297,6 +383,32 @@ void check_nonnegative(const at::Tensor& weights, const char* op, const char* na
     const int64_t flat = bad.flatten().nonzero().select(0, 0).item<int64_t>();
     TORCH_CHECK_VALUE(false, op, ": ", name, " must be non-negative, got ",
                       weights.flatten().select(0, flat).item<double>(), " at flat index ", flat);
+  }
+}
+
+void check_accepted_paths(const at::Tensor& path, const at::Tensor& num_accepted,
+                          const char* op) {
+  const int64_t b = path.size(0), t = path.size(1);
+  const int64_t* pp = path.const_data_ptr<int64_t>();
+  const int64_t* np = num_accepted.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK_VALUE(np[i] >= 0 && np[i] < t, op, ": num_accepted[", i,
+                      "] must be in [0, T) = [0, ", t, "), got ", np[i]);
+    for (int64_t j = 0; j <= np[i]; ++j) {
+      TORCH_CHECK_VALUE(pp[i * t + j] >= j && pp[i * t + j] < t, op, ": path[", i, ", ", j,
+                        "] must be a node index in [", j, ", T) = [", j, ", ", t, "), got ",
+                        pp[i * t + j]);
+    }
+  }
+}
+
+void check_vocab_ids_values(const at::Tensor& vocab_ids, const char* op) {
+  const int64_t* ids = vocab_ids.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < vocab_ids.numel(); ++j) {
+    TORCH_CHECK_VALUE(ids[j] >= 0, op,
+                      ": vocab_ids must hold non-negative token ids (the full-vocabulary id of "
+                      "each row of lm_head), got vocab_ids[",
+                      j, "] = ", ids[j]);
   }
 }
 

@@ -6,6 +6,11 @@ definition of each op is its function in :mod:`mtp_ext.reference`; the kernels a
 Common rules: floating inputs may be float32, float16 or bfloat16 and are accumulated in float32;
 returned probabilities are float32 and ids int64; rankings are by value descending with ties
 toward the lower token id (NaN ranks first); fixed-shape outputs are padded with -1.
+
+Bad arguments raise ``ValueError`` (values, shapes, sizes, devices) or ``TypeError`` (dtypes)
+naming the argument. All tensor arguments must be on one device; a meta tensor among CPU or CUDA
+tensors is refused too. On CUDA the checks that read tensor data are made only with
+``MTP_EXT_CUDA_VALUE_CHECKS=1`` (README, "Argument checks").
 """
 
 from __future__ import annotations
@@ -37,9 +42,15 @@ def softmax_topk(
     Args:
         logits: ``[..., V]`` float32, float16 or bfloat16 (any strides).
         k: number of entries to return, ``1 <= k <= V``.
-        temperature: softmax temperature, ``> 0``.
+        temperature: softmax temperature in ``[2.93874e-39, 3.40282e+38]``
+            (:data:`mtp_ext.reference.MIN_TEMPERATURE`, ``MAX_TEMPERATURE``): it and ``1 /
+            temperature`` must be finite float32 values, else ValueError. The softmax is taken of
+            ``(logits - max) / temperature``, which does not overflow: at the smallest temperature
+            it is one-hot on the maximum (shared equally among exact ties).
     Returns:
         ``probs[..., k]`` float32, descending, and ``ids[..., k]`` int64 (ties toward the lower id).
+        A row holding a NaN or ``+inf``, or only ``-inf``, has NaN probabilities (as
+        ``torch.softmax``); its ids follow the ranking (NaN first).
     """
     return _ops.softmax_topk(logits, k, temperature)
 
@@ -129,7 +140,10 @@ def fused_mtp_heads(
         vocab_ids: ``[V]`` int64 or None. With a draft vocabulary, ``lm_head`` holds only the rows
             of some tokens (for example the most frequent ones) and ``vocab_ids[j]`` is the token id
             of row ``j``: the softmax runs over those rows, the cost falls with their number, and
-            the returned ids are full-vocabulary ids.
+            the returned ids are full-vocabulary ids. The ids must be non-negative (a negative one
+            raises ``ValueError``; on CUDA only with ``MTP_EXT_CUDA_VALUE_CHECKS=1``). Their upper
+            bound, the full vocabulary's size, is not an argument of the op and is not checked:
+            ids are returned as given, so keeping them below it is the caller's part.
     Returns:
         ``logprobs[N, H, k]`` float32, descending, and ``ids[N, H, k]`` int64 (``H = 1`` without
         ``weight``).
@@ -156,14 +170,25 @@ def verify_tree(
     From the root, the walk moves to the lowest-index child whose draft token equals ``y_n`` and
     stops when there is none. Draft tokens outside ``[0, V)`` never match, so -1 can pad a tree.
 
+    Non-finite logits when sampling: the ``+inf`` logits of a row share all its probability
+    equally (top-k and top-p then filter them as equals, lower ids first); a row holding a NaN, or
+    only ``-inf``, has no distribution and gives its greedy token (the first NaN, else id 0), as
+    ``temperature == 0`` would. CPU and CUDA kernels and the reference agree on these rows.
+
     Args:
         draft_tokens: ``[B, T]`` int64.
         parents: ``[T]`` or ``[B, T]`` int64.
         target_logits: ``[B, T, V]`` float32, float16 or bfloat16.
-        temperature: ``>= 0``; 0 is greedy.
+        temperature: 0 (greedy), or in ``[2.93874e-39, 3.40282e+38]`` to sample: it and ``1 /
+            temperature`` must be finite float32 values (as :func:`softmax_topk`), else ValueError.
         top_k: keep only the ``top_k`` most likely tokens when sampling (0 keeps all).
         top_p: nucleus mass in ``(0, 1]`` when sampling.
-        uniforms: ``[B, T]`` floating in ``[0, 1)``; required when ``temperature > 0``.
+        uniforms: ``[B, T]`` floating in ``[0, 1)``; required when ``temperature > 0``, not read
+            when greedy. A value outside ``[0, 1)`` (NaN included) raises ValueError naming
+            ``uniforms`` and its index on the CPU, and on CUDA when ``MTP_EXT_CUDA_VALUE_CHECKS=1``
+            (the check reads device memory); otherwise the CUDA kernels clamp it into ``[0, 1)``
+            (NaN and negative values as 0, 1 and above as the largest float32 below 1), so the
+            token is always one of the kept tokens of the row.
     Returns:
         ``num_accepted[B]`` int64 (accepted draft nodes, root excluded); ``tokens[B, T]`` int64
         (the accepted draft tokens then the bonus token, then -1); ``path[B, T]`` int64 (node
@@ -181,7 +206,9 @@ def tree_attention_mask(
 
     Args:
         parents: ``[T]`` or ``[B, T]`` int64 (``parents[0] = -1``, ``0 <= parents[i] < i``).
-        prefix_len: cached tokens before the tree, all visible to every node, ``>= 0``.
+        prefix_len: cached tokens before the tree, all visible to every node, ``>= 0``. A mask
+            whose size in bytes would not fit in int64 raises ``ValueError``; one that cannot be
+            allocated raises the allocator's error with ``prefix_len`` and the bytes named.
         dtype: floating dtype of the mask.
     Returns:
         ``mask[..., T, prefix_len + T]`` of ``dtype`` (0 where node ``i`` may attend: the prefix,
@@ -202,10 +229,11 @@ def compact_kv(
     each layer, then crop the cache to ``prefix_len + num_accepted + 1``.
 
     Args:
-        cache: ``[B, heads, S, head_dim]`` any dtype; modified in place.
+        cache: ``[B, heads, S, head_dim]`` any dtype, contiguous in ``head_dim``, no two entries
+            in the same memory (not an expanded tensor); modified in place.
         path: ``[B, T]`` int64 from :func:`verify_tree`.
         num_accepted: ``[B]`` int64 from :func:`verify_tree`.
-        prefix_len: tokens before the tree, ``>= 0``.
+        prefix_len: tokens before the tree, ``>= 0`` with ``prefix_len + T <= S``.
     Returns:
         ``cache``.
     """
@@ -230,7 +258,8 @@ def verify_tree_from_hidden(
     per term: see :func:`fused_mtp_heads`).
 
     Args:
-        draft_tokens: ``[B, T]`` int64 (node 0 is the root).
+        draft_tokens: ``[B, T]`` int64 (node 0 is the root); ids outside ``[0, V)`` never match,
+            so -1 can pad a tree.
         parents: ``[T]`` or ``[B, T]`` int64.
         hidden: ``[B, T, D]`` float32, float16 or bfloat16, before the final norm.
         lm_head: ``[V, D]`` the output layer's weight.
@@ -289,6 +318,21 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 # Fakes (shape and dtype propagation for torch.compile / FakeTensor)
 # ---------------------------------------------------------------------------------------------
+# A fake also runs for real tensors whenever one of them is a meta tensor (the Meta dispatch key
+# wins over CPU and CUDA), so each first checks, as the kernels do, that its tensors share one
+# device; otherwise it would return uninitialized tensors on the first argument's device.
+
+
+def _check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Raise ValueError naming the first tensor argument and one on another device."""
+    given = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = given[0]
+    for name, t in given[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"mtp_ext.{op}: {first_name} and {name} must be on the same device, got "
+                f"{first.device} and {t.device}"
+            )
 
 
 @torch.library.register_fake("mtp_ext::softmax_topk")
@@ -299,11 +343,13 @@ def _softmax_topk_fake(logits, k, temperature=1.0):
 
 @torch.library.register_fake("mtp_ext::marginalize")
 def _marginalize_fake(next_logits, weights, renormalize=True):
+    _check_same_device("marginalize", next_logits=next_logits, weights=weights)
     return next_logits.new_empty((next_logits.shape[0], next_logits.shape[2]), dtype=torch.float32)
 
 
 @torch.library.register_fake("mtp_ext::topk_marginalize")
 def _topk_marginalize_fake(next_logits, weights, m, renormalize=True):
+    _check_same_device("topk_marginalize", next_logits=next_logits, weights=weights)
     shape = (next_logits.shape[0], m)
     return (
         next_logits.new_empty(shape, dtype=torch.float32),
@@ -315,6 +361,15 @@ def _topk_marginalize_fake(next_logits, weights, m, renormalize=True):
 def _fused_mtp_heads_fake(
     hidden, weight, bias, lm_head, k, norm_weight=None, eps=1e-6, vocab_ids=None
 ):
+    _check_same_device(
+        "fused_mtp_heads",
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        lm_head=lm_head,
+        norm_weight=norm_weight,
+        vocab_ids=vocab_ids,
+    )
     shape = (hidden.shape[0], 1 if weight is None else weight.shape[0], k)
     return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.long)
 
@@ -323,6 +378,17 @@ def _fused_mtp_heads_fake(
 def _verify_tree_fake(
     draft_tokens, parents, target_logits, temperature=0.0, top_k=0, top_p=1.0, uniforms=None
 ):
+    _check_same_device(
+        "verify_tree",
+        draft_tokens=draft_tokens,
+        parents=parents,
+        target_logits=target_logits,
+        uniforms=uniforms,
+    )
+    return _tree_outputs(draft_tokens)
+
+
+def _tree_outputs(draft_tokens):
     b, t = draft_tokens.shape
     return (
         draft_tokens.new_empty((b,), dtype=torch.long),
@@ -333,11 +399,20 @@ def _verify_tree_fake(
 
 @torch.library.register_fake("mtp_ext::verify_tree_from_hidden")
 def _verify_tree_from_hidden_fake(draft_tokens, parents, hidden, lm_head, norm_weight=None, eps=1e-6):
-    return _verify_tree_fake(draft_tokens, parents, None)
+    _check_same_device(
+        "verify_tree_from_hidden",
+        draft_tokens=draft_tokens,
+        parents=parents,
+        hidden=hidden,
+        lm_head=lm_head,
+        norm_weight=norm_weight,
+    )
+    return _tree_outputs(draft_tokens)
 
 
 @torch.library.register_fake("mtp_ext::small_batch_linear")
 def _small_batch_linear_fake(x, weight, bias=None):
+    _check_same_device("small_batch_linear", x=x, weight=weight, bias=bias)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -352,4 +427,5 @@ def _tree_attention_mask_fake(parents, prefix_len, dtype=None):
 
 @torch.library.register_fake("mtp_ext::compact_kv")
 def _compact_kv_fake(cache, path, num_accepted, prefix_len):
+    _check_same_device("compact_kv", cache=cache, path=path, num_accepted=num_accepted)
     return None

@@ -9,19 +9,31 @@ Shared conventions (see the op docstrings in :mod:`mtp_ext.ops`):
 * Rankings ("top-k", "argmax") order by value descending, ties toward the lower token id, and NaN
   ranks above every number (as ``torch.sort`` does).
 * Returned probabilities are float32, returned ids int64, padding is -1.
+* A temperature must lie in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``: it and ``1 / temperature`` are
+  finite float32 values. Softmaxes are computed as ``softmax((x - max(x)) * (1 / temperature))``,
+  which stays finite down to the smallest temperature.
+* Sampling (:func:`target_tokens`): the ``+inf`` logits of a row share all its probability
+  equally; a row holding a NaN, or only ``-inf``, has no distribution and gives its greedy token.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
+    "MIN_TEMPERATURE",
+    "MAX_TEMPERATURE",
+    "check_temperature",
     "stable_topk",
     "softmax_topk",
     "marginalize",
     "topk_marginalize",
     "fused_mtp_heads",
     "head_features",
+    "sampling_probs",
+    "filtered_probs",
     "target_tokens",
     "walk_tree",
     "verify_tree",
@@ -30,6 +42,30 @@ __all__ = [
     "small_batch_linear",
     "verify_tree_from_hidden",
 ]
+
+
+# The temperatures whose value and reciprocal are both finite float32 values.
+MAX_TEMPERATURE = float(torch.finfo(torch.float32).max)
+MIN_TEMPERATURE = 1.0 / MAX_TEMPERATURE
+
+
+def check_temperature(temperature: float, op: str, zero_is_greedy: bool) -> None:
+    """Raises ValueError unless ``temperature`` is in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (or 0,
+    greedy, when ``zero_is_greedy``), with the message of the ops' check."""
+    if zero_is_greedy and temperature == 0:
+        return
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        greedy = "0 (greedy) or " if zero_is_greedy else ""
+        raise ValueError(
+            f"{op}: temperature must be {greedy}in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}] "
+            f"(it and 1 / temperature finite in float32), got {temperature:g}"
+        )
+
+
+def _scaled_gaps(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(x - max(x)) * (1 / temperature)`` along the last dim: the logits of ``softmax(x /
+    temperature)`` shifted so that no finite logit overflows at small temperatures."""
+    return (x - x.amax(-1, keepdim=True)) * (1.0 / temperature)
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +89,15 @@ def softmax_topk(
     Args:
         logits: ``[..., V]`` float32/float16/bfloat16.
         k: ``1 <= k <= V``.
-        temperature: ``> 0``.
+        temperature: in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``.
     Returns:
-        ``probs[..., k]`` float32 (descending) and ``ids[..., k]`` int64.
+        ``probs[..., k]`` float32 (descending) and ``ids[..., k]`` int64. A row holding a NaN or
+        ``+inf``, or only ``-inf``, has NaN probabilities (as ``torch.softmax``).
     """
+    check_temperature(temperature, "softmax_topk", zero_is_greedy=False)
     x = logits.float()
     _, ids = stable_topk(x, k)
-    probs = torch.softmax(x / temperature, dim=-1)
+    probs = torch.softmax(_scaled_gaps(x, temperature), dim=-1)
     return probs.gather(-1, ids), ids
 
 
@@ -174,18 +212,39 @@ def filtered_probs(
     logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
     """The sampling distribution ``[..., V]`` float32 (sums to 1) of :func:`target_tokens`:
-    ``softmax(logits / temperature)``, the ``top_k`` highest-ranked tokens kept (0 keeps all),
-    renormalized, then the shortest prefix of the ranking whose mass reaches ``top_p`` (a token is
-    kept when the kept mass ranked above it is below ``top_p``), renormalized."""
+    :func:`sampling_probs`, the ``top_k`` highest-ranked tokens kept (0 keeps all), renormalized,
+    then the shortest prefix of the ranking whose mass reaches ``top_p`` (a token is kept when the
+    kept mass ranked above it is below ``top_p``), renormalized."""
+    check_temperature(temperature, "filtered_probs", zero_is_greedy=False)
     q, _ = _filtered(logits.float(), temperature, top_k, top_p)
     return q / q.sum(-1, keepdim=True)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution ``[..., V]`` float32 sampling draws from before filtering:
+    ``softmax(logits / temperature)``, except that in a row holding ``+inf`` the ``+inf`` tokens
+    share all the probability equally, and a row with no distribution (a NaN, or only ``-inf``) is
+    one-hot on its greedy token (the first NaN, else id 0)."""
+    check_temperature(temperature, "sampling_probs", zero_is_greedy=False)
+    x = logits.float()
+    nan = x.isnan()
+    mx = x.masked_fill(nan, -math.inf).amax(-1, keepdim=True)
+    gaps = torch.where(
+        mx == math.inf,
+        torch.where(x == math.inf, 0.0, -math.inf).to(x.dtype),
+        _scaled_gaps(x.masked_fill(nan, -math.inf), temperature),
+    )
+    probs = torch.softmax(gaps, dim=-1)
+    none = nan.any(-1, keepdim=True) | (mx == -math.inf)
+    greedy = torch.zeros_like(probs).scatter(-1, stable_topk(x, 1)[1], 1.0)
+    return torch.where(none, greedy, probs)
 
 
 def _filtered(x: torch.Tensor, temperature: float, top_k: int, top_p: float):
     """Unnormalized kept mass ``q [..., V]`` and the kept mask ``[..., V]``."""
     v = x.shape[-1]
     _, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    p_sorted = torch.softmax(x / temperature, dim=-1).gather(-1, order)
+    p_sorted = sampling_probs(x, temperature).gather(-1, order)
     keep = torch.ones_like(p_sorted, dtype=torch.bool)
     if 0 < top_k < v:
         keep[..., top_k:] = False
@@ -212,18 +271,29 @@ def target_tokens(
     Greedy (``temperature == 0``): the argmax (ties toward the lower id, NaN first).
     Sampling: from :func:`filtered_probs`: walk the kept tokens in ascending id order and return
     the first whose cumulative probability exceeds ``u * total`` (inverse CDF; if rounding leaves
-    none, the last kept token).
+    none, the last kept token). The ``+inf`` logits of a row share all its probability equally; a
+    row holding a NaN, or only ``-inf``, gives its greedy token (:func:`sampling_probs`).
 
     Args:
         target_logits: ``[..., V]`` float32/float16/bfloat16.
-        uniforms: ``[...]`` in ``[0, 1)``, required when ``temperature > 0``.
+        temperature: 0 (greedy) or in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``.
+        uniforms: ``[...]`` in ``[0, 1)``, required when ``temperature > 0`` (ValueError
+            otherwise); not read when greedy.
     Returns:
         ``[...]`` int64.
     """
+    check_temperature(temperature, "verify_tree", zero_is_greedy=True)
     x = target_logits.float()
     if temperature == 0.0:
         return stable_topk(x, 1)[1][..., 0]
-    assert uniforms is not None
+    if uniforms is None:
+        raise ValueError("verify_tree: uniforms are required when temperature > 0 (got None)")
+    bad = ~((uniforms >= 0) & (uniforms < 1))
+    if bool(bad.any()):
+        at = [int(i) for i in bad.nonzero()[0]]
+        raise ValueError(
+            f"verify_tree: uniforms must be in [0, 1), got {float(uniforms[tuple(at)]):g} at {at}"
+        )
     v = x.shape[-1]
     q, kept = _filtered(x, temperature, top_k, top_p)
     cdf = torch.cumsum(q, -1)

@@ -43,8 +43,9 @@ _UNSUPPORTED_CONFIG = {
 }
 
 
-# The smallest normal float32: below it, logits / temperature overflows float32 for any logit of
-# order one (and 1 / temperature does below about 2.9e-39).
+# The smallest sampling temperature generate takes: the smallest normal float32. The ops accept
+# down to about 2.9e-39 (1 / temperature finite in float32); below the smallest normal float32 a
+# temperature is subnormal and far from any use, so generate refuses it with its own message.
 _MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
 
 

@@ -211,6 +211,12 @@ CASES = [
     ("heads_vocab_ids_0d", heads(vocab_ids=torch.tensor(3)), ValueError, "vocab_ids"),
     ("heads_vocab_ids_int32", heads(vocab_ids=torch.arange(10, dtype=I32)), TypeError, "vocab_ids"),
     ("heads_vocab_ids_float", heads(vocab_ids=torch.arange(10.0)), TypeError, "vocab_ids"),
+    (
+        "heads_vocab_ids_negative",
+        heads(vocab_ids=torch.tensor([0, 1, 2, -3, 4, 5, 6, 7, 8, 9])),
+        ValueError,
+        "vocab_ids",
+    ),
     # verify_tree
     ("vt_float_draft", verify(draft=z(2, 4)), TypeError, "draft_tokens"),
     ("vt_1d_draft", verify(draft=torch.zeros(4, dtype=I64)), ValueError, "draft_tokens"),
@@ -327,6 +333,7 @@ CASES = [
         "parents",
     ),
     ("mask_neg_prefix", mask(prefix_len=-1), ValueError, "prefix_len"),
+    ("mask_prefix_overflow", mask(prefix_len=2**63 - 3), ValueError, "prefix_len"),
     ("mask_int_dtype", mask(dtype=torch.int32), TypeError, "dtype"),
     # compact_kv
     ("kv_3d_cache", compact(cache=z(2, 8, 4)), ValueError, "cache"),
@@ -363,6 +370,7 @@ CASES = [
     ),
     ("kv_neg_prefix", compact(prefix_len=-1), ValueError, "prefix_len"),
     ("kv_tree_too_long", compact(prefix_len=5), ValueError, "prefix_len"),
+    ("kv_prefix_overflow", compact(prefix_len=2**63 - 3), ValueError, "prefix_len"),
     ("kv_head_dim_strided", compact(cache=z(2, 3, 8, 8)[..., ::2]), ValueError, "cache"),
 ]
 

@@ -43,6 +43,9 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cpu(
   at::Tensor logprobs, ids;
   std::tie(logprobs, ids) =
       prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
+  if (vocab_ids.has_value()) {
+    check_vocab_ids_values(vocab_ids->contiguous(), "mtp_ext.fused_mtp_heads");
+  }
   const int64_t n = hidden.size(0), heads = num_heads(weight), depth = hidden.size(1);
   const int64_t vocab = lm_head.size(0);
   const int64_t rows = n * heads;

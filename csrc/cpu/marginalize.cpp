@@ -67,7 +67,7 @@ void mixture_chunk(const at::Tensor& x, const MixturePlan& plan, int64_t b, int6
 at::Tensor marginalize_cpu(const at::Tensor& next_logits, const at::Tensor& weights,
                            bool renormalize) {
   const char* op = "mtp_ext.marginalize";
-  check_marginalize(next_logits, weights, op);
+  check_marginalize(next_logits, weights);
   check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), vocab = next_logits.size(2);
   at::Tensor out = at::zeros({b, vocab}, next_logits.options().dtype(at::kFloat));

@@ -21,9 +21,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_mask_cpu(const at::Tensor& par
   const at::Tensor par = parents.contiguous();
   check_tree_values(par, op);
   const int64_t t = par.size(-1), rows = par.dim() == 2 ? par.size(0) : 1;
-  auto mask_shape = par.sizes().vec();
-  mask_shape.push_back(prefix_len + t);
-  at::Tensor mask = at::empty(mask_shape, par.options().dtype(at::kFloat));
+  at::Tensor mask = empty_tree_mask(par, prefix_len, at::kFloat);
   at::Tensor depth = at::empty(par.sizes(), par.options());
   const float hidden = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
@@ -32,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_mask_cpu(const at::Tensor& par
                                     depth.data_ptr<int64_t>() + r * t);
   }
   // -inf marks hidden entries; the contract asks for the dtype's most negative finite value.
-  at::Tensor out = mask.to(mask_dtype);
+  at::Tensor out =
+      mask_dtype == at::kFloat ? mask : empty_tree_mask(par, prefix_len, mask_dtype).copy_(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask_dtype, "tree_attention_mask", [&] {
     out.masked_fill_(mask.isneginf(), at::Scalar(std::numeric_limits<scalar_t>::lowest()));
   });
@@ -45,20 +44,9 @@ void compact_kv_cpu(const at::Tensor& cache, const at::Tensor& path,
   check_compact_kv(cache, path, num_accepted, prefix_len);
   const int64_t b = cache.size(0), t = path.size(1);
   const at::Tensor p = path.contiguous(), n = num_accepted.contiguous();
+  check_accepted_paths(p, n, op);
   const int64_t* pp = p.const_data_ptr<int64_t>();
   const int64_t* np = n.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < b; ++i) {
-    TORCH_CHECK_VALUE(np[i] >= 0 && np[i] < t, op, ": num_accepted[", i, "] must be in [0, T) = [0, ",
-                      t, "), got ", np[i]);
-    for (int64_t j = 0; j <= np[i]; ++j) {
-      TORCH_CHECK_VALUE(pp[i * t + j] >= j && pp[i * t + j] < t, op, ": path[", i, ", ", j,
-                        "] must be a node index in [", j, ", T) = [", j, ", ", t, "), got ",
-                        pp[i * t + j]);
-    }
-  }
-  TORCH_CHECK_VALUE(cache.stride(3) == 1, op,
-                    ": cache must be contiguous in its last dim (head_dim), got strides ",
-                    cache.strides());
   const int64_t item = cache.element_size();
   char* base = static_cast<char*>(cache.data_ptr());
   at::parallel_for(0, b, 1, [&](int64_t first, int64_t last) {

@@ -21,8 +21,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
   check_tree_values(par, op);
   const int64_t t = draft_tokens.size(1), vocab = target_logits.size(2);
   const bool sampling = temperature > 0;
+  float scale = 0.0f;  // 1 / temperature, a finite float32 (check_temperature)
   at::Tensor u;
-  if (sampling) u = uniforms->to(at::kFloat).contiguous();
+  if (sampling) {
+    scale = static_cast<float>(1.0 / temperature);
+    u = uniforms->to(at::kFloat).contiguous();
+    check_uniforms_values(u, op);
+  }
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   dispatch_floating(target_logits.scalar_type(), [&](auto tag) {
@@ -36,8 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
               scratch = kernels::SamplingScratch()](int64_t i, int64_t node) mutable -> int64_t {
         kernels::load_block(logits + i * sb + node * st, sv, vocab, row.data());
         if (!sampling) return kernels::argmax_row(row.data(), vocab);
-        return kernels::sample_row(row.data(), vocab, static_cast<float>(temperature), top_k,
-                                   static_cast<float>(top_p),
+        return kernels::sample_row(row.data(), vocab, scale, top_k, static_cast<float>(top_p),
                                    u.const_data_ptr<float>()[i * t + node], scratch);
       };
     });

@@ -7,7 +7,8 @@
 // one streaming kernel reads lm_head once, in its dtype, for all rows, keeping a running top-k and
 // log-sum-exp per row; the [N, H, V] logits are never written (unembed_topk). Beyond that the
 // logits are computed (lm_head read once per 64 rows, or cuBLAS past 256 rows) and ranked by the
-// row top-k. At more than 256 rows the heads' products go through ATen (cuBLAS, float32) too.
+// row top-k. At more than 256 rows (or more than 65535 heads, a grid's limit) the heads' products
+// go through ATen (cuBLAS, float32) too.
 // With 16-bit weights on compute capability 8.0 and newer the heads' products and the
 // unembedding run on tensor cores (kernels/mma_kernels.cu).
 #include <torch/library.h>
@@ -19,6 +20,8 @@ namespace mtp_ext {
 namespace cuda {
 namespace {
 
+constexpr int64_t kMaxGridZ = 65535;  // CUDA's limit on gridDim.z: the heads of one launch
+
 // [N * H, D] float32 contiguous: the residual blocks x + SiLU(x . weight[h]^T + bias[h]), normed
 // when norm_weight is given.
 at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
@@ -28,7 +31,7 @@ at::Tensor head_features(const at::Tensor& hidden, const at::Tensor& weight,
   const auto f32 = hidden.options().dtype(at::kFloat);
   const at::Tensor x = hidden.to(at::kFloat).contiguous();
   at::Tensor y;  // [N, H, D] float32: x . weight[h]^T
-  if (n <= 256) {
+  if (n <= 256 && heads <= kMaxGridZ) {
     y = at::empty({n, heads, depth}, f32);
     const at::Tensor w = weight.contiguous();
     if (depth == 0) {
@@ -66,11 +69,17 @@ std::tuple<at::Tensor, at::Tensor> fused_mtp_heads_cuda(
     const c10::optional<at::Tensor>& bias, const at::Tensor& lm_head, int64_t k,
     const c10::optional<at::Tensor>& norm_weight, double eps,
     const c10::optional<at::Tensor>& vocab_ids) {
+  const char* op = "mtp_ext.fused_mtp_heads";
   at::Tensor logprobs, ids;
   std::tie(logprobs, ids) =
       prepare_fused_mtp_heads(hidden, weight, bias, lm_head, k, norm_weight, eps, vocab_ids);
-  const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t rows = hidden.size(0) * num_heads(weight);
+  check_cuda_vocab(lm_head.size(0), op, "lm_head");
+  check_cuda_rows(rows, op, "the head rows N * H");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  if (vocab_ids.has_value() && value_checks_enabled()) {
+    check_vocab_ids_values(vocab_ids->cpu().contiguous(), op);
+  }
   if (rows == 0) return {logprobs, ids};
 
   // Without weight the one head's features are the (normed) hidden states themselves.

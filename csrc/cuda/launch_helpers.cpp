@@ -38,6 +38,17 @@ bool value_checks_enabled() {
   return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
+void check_cuda_vocab(int64_t vocab, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(vocab < (int64_t(1) << 31), op, ": ", name,
+                    " must have V < 2^31 on CUDA (the kernels count tokens in int32), got V = ",
+                    vocab);
+}
+
+void check_cuda_rows(int64_t rows, const char* op, const char* what) {
+  TORCH_CHECK_VALUE(rows < (int64_t(1) << 31), op, ": ", what,
+                    " must be below 2^31 on CUDA (one block per row), got ", rows);
+}
+
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   if (bytes == 0) return at::Tensor();
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));

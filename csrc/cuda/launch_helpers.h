@@ -26,10 +26,17 @@ kc::DType storage_type(const at::Tensor& t);
 kc::RowLayout rows_layout(const at::Tensor& x2d);
 kc::RowLayout batch_rows_layout(const at::Tensor& x3d);
 
-// Value checks that must read device data (tree validity, non-negative weights, index ranges)
-// synchronize with the device, so the CUDA launchers skip them unless MTP_EXT_CUDA_VALUE_CHECKS=1;
-// never while the stream is being captured into a CUDA graph.
+// Value checks that must read device data (tree validity, non-negative weights, compact_kv's
+// index ranges, non-negative vocab_ids) synchronize with the device, so the CUDA launchers skip
+// them unless MTP_EXT_CUDA_VALUE_CHECKS=1; never while the stream is being captured into a CUDA
+// graph. Every other check (shapes, dtypes, devices, sizes, scalar arguments) is always made.
 bool value_checks_enabled();
+
+// The cheap checks of limits of the CUDA kernels, always made (ValueError naming the argument):
+// a vocabulary (the `name` tensor's V) below 2^31, since the kernels count a row's tokens in
+// int32; at most 2^31 - 1 rows (`what`) for the kernels that take one block per row.
+void check_cuda_vocab(int64_t vocab, const char* op, const char* name);
+void check_cuda_rows(int64_t rows, const char* op, const char* what);
 
 // A device buffer of `bytes` bytes on `like`'s device for a kernel's workspace (undefined for 0).
 at::Tensor workspace(size_t bytes, const at::Tensor& like);

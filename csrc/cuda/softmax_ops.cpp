@@ -13,6 +13,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cuda(const at::Tensor& logits, i
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor probs, ids;
   std::tie(probs, ids) = prepare_softmax_topk(logits, k, temperature);
+  check_cuda_vocab(logits.size(-1), "mtp_ext.softmax_topk", "logits");
   const int64_t vocab = logits.size(-1), rows = logits.numel() / vocab;  // V >= k >= 1
   if (rows == 0) return {probs, ids};
   const at::Tensor x = logits.reshape({rows, vocab});
@@ -122,7 +123,8 @@ at::Tensor marginal(const at::Tensor& next_logits, const at::Tensor& weights, bo
 at::Tensor marginalize_cuda(const at::Tensor& next_logits, const at::Tensor& weights,
                             bool renormalize) {
   const char* op = "mtp_ext.marginalize";
-  check_marginalize(next_logits, weights, op);
+  check_marginalize(next_logits, weights);
+  check_cuda_vocab(next_logits.size(2), op, "next_logits");
   const c10::cuda::CUDAGuard guard(next_logits.device());
   if (value_checks_enabled()) check_nonnegative(weights, op, "weights");
   return marginal(next_logits, weights, renormalize);
@@ -133,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_
                                                          bool renormalize) {
   const char* op = "mtp_ext.topk_marginalize";
   check_topk_marginalize(next_logits, weights, m);
+  check_cuda_vocab(next_logits.size(2), op, "next_logits");
   const c10::cuda::CUDAGuard guard(next_logits.device());
   if (value_checks_enabled()) check_nonnegative(weights, op, "weights");
   const int64_t b = next_logits.size(0), l = next_logits.size(1), vocab = next_logits.size(2);
@@ -145,7 +148,6 @@ std::tuple<at::Tensor, at::Tensor> topk_marginalize_cuda(const at::Tensor& next_
     ids.copy_(at::arange(m, ids.options()).expand({b, m}));
     return {probs, ids};
   }
-  TORCH_CHECK(vocab < (int64_t(1) << 31), op, ": vocabularies of 2^31 or more are not supported");
   const int64_t chunks = kc::topk_chunks(vocab);
   if (m <= kc::kTopkMaxK && chunks * m <= kc::kTopkMaxMerge) {
     // The marginal of each chunk is computed on the fly and never written. The one-read path

@@ -47,8 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> walk(const at::Tensor& draft_toke
 void sample_targets(const at::Tensor& x, int64_t rows, int64_t vocab, kc::RowLayout layout,
                     double temperature, int64_t top_k, double top_p, const at::Tensor& u,
                     const at::Tensor& targets) {
-  const float temp = static_cast<float>(temperature);
-  const float scale = 1.0f / temp;
+  const float scale = static_cast<float>(1.0 / temperature);  // finite: check_temperature
   const float p = static_cast<float>(top_p);
   const cudaStream_t s = stream();
   const bool all_kept = (top_k <= 0 || top_k >= vocab) && p >= 1.0f;
@@ -94,17 +93,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     double temperature, int64_t top_k, double top_p, const c10::optional<at::Tensor>& uniforms) {
   const char* op = "mtp_ext.verify_tree";
   check_verify_tree(draft_tokens, parents, target_logits, temperature, top_k, top_p, uniforms);
+  check_cuda_vocab(target_logits.size(2), op, "target_logits");
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
   const at::Tensor par = parents.contiguous();
   check_parents_values(par, op);
   const int64_t b = draft_tokens.size(0), t = draft_tokens.size(1), vocab = target_logits.size(2);
   const int64_t rows = b * t;
-  TORCH_CHECK(vocab < (int64_t(1) << 31), op, ": vocabularies of 2^31 or more are not supported");
   at::Tensor targets = at::empty({rows}, draft_tokens.options().dtype(at::kLong));
   if (rows > 0) {
     const kc::RowLayout layout = batch_rows_layout(target_logits);
     if (temperature > 0) {
       const at::Tensor u = uniforms->to(at::kFloat).contiguous();
+      // Without the check, the kernels clamp each uniform into [0, 1) (kernels::clamp_uniform).
+      if (value_checks_enabled()) check_uniforms_values(u.cpu(), op);
       sample_targets(target_logits, rows, vocab, layout, temperature, top_k, top_p, u, targets);
     } else {
       row_topk(target_logits, rows, vocab, layout, 1.0f, 1, kc::TopkOut::None, at::Tensor(),
@@ -119,6 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_from_hidden_cuda(
     const at::Tensor& lm_head, const c10::optional<at::Tensor>& norm_weight, double eps) {
   const char* op = "mtp_ext.verify_tree_from_hidden";
   check_verify_tree_from_hidden(draft_tokens, parents, hidden, lm_head, norm_weight, eps);
+  check_cuda_vocab(lm_head.size(0), op, "lm_head");
+  check_cuda_rows(draft_tokens.size(0) * draft_tokens.size(1), op, "the nodes B * T");
   const c10::cuda::CUDAGuard guard(draft_tokens.device());
   const at::Tensor par = parents.contiguous();
   check_parents_values(par, op);
@@ -141,9 +144,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_mask_cuda(const at::Tensor& pa
   const at::Tensor par = parents.contiguous();
   check_parents_values(par, op);
   const int64_t t = par.size(-1), rows = par.dim() == 2 ? par.size(0) : 1;
-  auto mask_shape = par.sizes().vec();
-  mask_shape.push_back(prefix_len + t);
-  at::Tensor mask = at::empty(mask_shape, par.options().dtype(mask_dtype));
+  at::Tensor mask = empty_tree_mask(par, prefix_len, mask_dtype);
   at::Tensor depth = at::empty(par.sizes(), par.options());
   uint64_t hidden_bits = 0;
   int elem_bytes = 0;
@@ -164,26 +165,10 @@ void compact_kv_cuda(const at::Tensor& cache, const at::Tensor& path,
                      const at::Tensor& num_accepted, int64_t prefix_len) {
   const char* op = "mtp_ext.compact_kv";
   check_compact_kv(cache, path, num_accepted, prefix_len);
-  TORCH_CHECK_VALUE(cache.stride(3) == 1, op,
-                    ": cache must be contiguous in its last dim (head_dim), got strides ",
-                    cache.strides());
   const c10::cuda::CUDAGuard guard(cache.device());
   const at::Tensor p = path.contiguous(), n = num_accepted.contiguous();
   const int64_t b = cache.size(0), t = path.size(1);
-  if (value_checks_enabled()) {
-    const at::Tensor pc = p.cpu(), nc = n.cpu();
-    const int64_t* pp = pc.const_data_ptr<int64_t>();
-    const int64_t* np = nc.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < b; ++i) {
-      TORCH_CHECK_VALUE(np[i] >= 0 && np[i] < t, op, ": num_accepted[", i,
-                        "] must be in [0, T) = [0, ", t, "), got ", np[i]);
-      for (int64_t j = 0; j <= np[i]; ++j) {
-        TORCH_CHECK_VALUE(pp[i * t + j] >= j && pp[i * t + j] < t, op, ": path[", i, ", ", j,
-                          "] must be a node index in [", j, ", T) = [", j, ", ", t, "), got ",
-                          pp[i * t + j]);
-      }
-    }
-  }
+  if (value_checks_enabled()) check_accepted_paths(p.cpu(), n.cpu(), op);
   const int64_t item = cache.element_size();
   kc::launch_compact_kv(static_cast<char*>(cache.data_ptr()), b, cache.size(1),
                         cache.stride(0) * item, cache.stride(1) * item, cache.stride(2) * item,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ranking.h"
+#include "sampling_rules.h"
 #include "softmax_math.h"
 #include "topk.h"
 
@@ -28,15 +29,18 @@ struct SamplingScratch {
   std::vector<int64_t> kept;
 };
 
-// Inverse-CDF sample from softmax(x / temperature) restricted by top_k (0: all) and top_p, with the
-// uniform u in [0, 1). x has n > 0 float32 values. Masses are summed in double: over a large
+// Inverse-CDF sample from softmax(x * scale) (scale = 1 / temperature, a finite float32) restricted
+// by top_k (0: all) and top_p, with the uniform u in [0, 1) (clamped into it). x has n > 0 float32
+// values. The rules of sampling_rules.h apply: the +inf logits of a row share its mass, and a row
+// holding a NaN, or only -inf, gives its greedy token. Masses are summed in double: over a large
 // vocabulary a float32 running sum loses the tail and moves the top-p boundary.
-inline int64_t sample_row(const float* x, int64_t n, float temperature, int64_t top_k, float top_p,
+inline int64_t sample_row(const float* x, int64_t n, float scale, int64_t top_k, float top_p,
                           float u, SamplingScratch& s) {
-  const float scale = 1.0f / temperature;
   const float max = block_max(x, n);
+  if (!has_distribution(max, block_has_nan(x, n))) return argmax_row(x, n);
+  u = clamp_uniform(u);
   s.prob.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) s.prob[i] = exp_nonpositive((x[i] - max) * scale);
+  for (int64_t i = 0; i < n; ++i) s.prob[i] = exp_nonpositive(mass_exponent(x[i], max, scale));
 
   const bool all_kept = (top_k <= 0 || top_k >= n) && top_p >= 1.0f;
   if (all_kept) {

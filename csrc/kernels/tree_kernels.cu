@@ -2,6 +2,7 @@
 // inverse-CDF sampling of the target tokens (the filtering and tie rules of kernels::sample_row),
 // the tree attention mask and the in-place key/value compaction.
 #include "cuda_common.cuh"
+#include "sampling_rules.h"
 #include "tree.h"
 
 namespace mtp_ext {
@@ -24,7 +25,8 @@ __global__ void walk_tree_kernel(const int64_t* __restrict__ draft,
       [&](int64_t node) { return tg[node]; }, tokens + b * nodes, path + b * nodes);
 }
 
-// One block per row: the row maximum, the kept mass, then a scan in ascending id order.
+// One block per row: the row maximum and first NaN, the kept mass, then a scan in ascending id
+// order. A row without a distribution (sampling_rules.h) gives its greedy token.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_scan_kernel(
     const T* __restrict__ x, int64_t rows, int64_t vocab, RowLayout layout, float scale,
@@ -39,8 +41,18 @@ __global__ void __launch_bounds__(kThreads) sample_scan_kernel(
     const T* p = x + row_offset(layout, row);
     const int64_t sv = layout.v_stride;
     float m = -__int_as_float(0x7f800000);
-    for (int64_t i = tid; i < vocab; i += kThreads) m = fmaxf(m, load_f(p + i * sv));
+    int64_t nan_at = vocab;
+    for (int64_t i = tid; i < vocab; i += kThreads) {
+      const float v = load_f(p + i * sv);
+      m = fmaxf(m, v);
+      if (v != v && nan_at == vocab) nan_at = i;
+    }
     const float mx = block_max<kThreads>(m, fscratch);
+    const int64_t first_nan = block_min_i64<kThreads>(nan_at, iscratch);
+    if (!has_distribution(mx, first_nan < vocab)) {
+      if (tid == 0) target[row] = first_nan < vocab ? first_nan : 0;
+      continue;  // the same branch for the whole block
+    }
     const bool all = keep_key == nullptr;
     const uint32_t kk = all ? 0u : unsigned_key(keep_key[row]);
     const int64_t kid = all ? 0 : keep_id[row];
@@ -54,20 +66,21 @@ __global__ void __launch_bounds__(kThreads) sample_scan_kernel(
     for (int64_t i = tid; i < vocab; i += kThreads) {
       const float v = load_f(p + i * sv);
       if (kept(i, v)) {
-        mass += static_cast<double>(expf((v - mx) * scale));
+        mass += static_cast<double>(expf(mass_exponent(v, mx, scale)));
         last = i;
       }
     }
     const double total = block_sum<kThreads>(mass, dscratch);
     const int64_t last_kept = block_max_i64<kThreads>(last, iscratch);
-    const double threshold = static_cast<double>(u[row]) * total;
+    const double threshold = static_cast<double>(clamp_uniform(u[row])) * total;
     // The first kept token whose cumulative mass exceeds the threshold.
     const int64_t found = block_first_hit<kThreads, kPer>(
         vocab, dscratch, iscratch,
         [&](int64_t i) {
           const float v = load_f(p + i * sv);
           const bool keep = kept(i, v);
-          return ScanTerm{keep ? static_cast<double>(expf((v - mx) * scale)) : 0.0, keep};
+          return ScanTerm{keep ? static_cast<double>(expf(mass_exponent(v, mx, scale))) : 0.0,
+                          keep};
         },
         [&](const ScanTerm& t, double before) { return t.eligible && before + t.mass > threshold; });
     if (tid == 0) target[row] = found < vocab ? found : last_kept;
@@ -94,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) nucleus_from_sorted_kernel(
                                           : -__int_as_float(0x7f800000);
     double part = 0.0;
     for (int64_t r = tid; r < limit; r += kThreads)
-      part += static_cast<double>(expf((key_value(unsigned_key(keys[r])) - mx) * scale));
+      part += static_cast<double>(expf(mass_exponent(key_value(unsigned_key(keys[r])), mx, scale)));
     const double mass = block_sum<kThreads>(part, dscratch);
     int64_t keep = limit;
     if (top_p < 1.0f) {
@@ -103,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) nucleus_from_sorted_kernel(
           limit, dscratch, iscratch,
           [&](int64_t r) {
             const float v = key_value(unsigned_key(keys[r]));
-            return ScanTerm{static_cast<double>(expf((v - mx) * scale)) / mass, r >= 1};
+            return ScanTerm{static_cast<double>(expf(mass_exponent(v, mx, scale))) / mass, r >= 1};
           },
           [&](const ScanTerm& t, double before) {
             return t.eligible && !(before < static_cast<double>(top_p));
@@ -118,7 +131,8 @@ __global__ void __launch_bounds__(kThreads) nucleus_from_sorted_kernel(
 }
 
 // One thread per row: top-p among the k best candidates, then the inverse CDF over the kept ones
-// in ascending id order (the loops of kernels::sample_row).
+// in ascending id order (the loops of kernels::sample_row). A row without a distribution
+// (sampling_rules.h: its best candidate NaN or -inf) gives its greedy token, the best candidate.
 __global__ void sample_candidates_kernel(int64_t rows, int k, const float* __restrict__ values,
                                          const int64_t* __restrict__ ids,
                                          const float* __restrict__ row_max, float scale,
@@ -129,12 +143,16 @@ __global__ void sample_candidates_kernel(int64_t rows, int k, const float* __res
   const float* v = values + row * k;
   const int64_t* id = ids + row * k;
   const float mx = row_max[row];
+  if (!has_distribution(mx, v[0] != v[0])) {
+    target[row] = id[0];
+    return;
+  }
   float prob[kTopkMaxK];
   int64_t kept_id[kTopkMaxK];
   float kept_prob[kTopkMaxK];
   double mass = 0.0;
   for (int j = 0; j < k; ++j) {
-    prob[j] = expf((v[j] - mx) * scale);
+    prob[j] = expf(mass_exponent(v[j], mx, scale));
     mass += prob[j];
   }
   int keep = k;
@@ -161,7 +179,7 @@ __global__ void sample_candidates_kernel(int64_t rows, int k, const float* __res
   }
   double total = 0.0;
   for (int j = 0; j < keep; ++j) total += kept_prob[j];
-  const double threshold = static_cast<double>(u[row]) * total;
+  const double threshold = static_cast<double>(clamp_uniform(u[row])) * total;
   double cum = 0.0;
   int64_t result = kept_id[keep - 1];
   for (int j = 0; j < keep; ++j) {

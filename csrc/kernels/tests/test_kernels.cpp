@@ -130,6 +130,26 @@ static void test_sampling() {
   EXPECT(sample_row(x, 2, 1.0f, 0, 1.0f, 0.3f, s) == 1);
   EXPECT(sample_row(x, 2, 1.0f, 1, 1.0f, 0.0f, s) == 1);  // top_k = 1 keeps token 1 only
   EXPECT(sample_row(x, 2, 1.0f, 0, 0.5f, 0.0f, s) == 1);  // nucleus 0.5 keeps token 1 only
+  // A uniform outside [0, 1) is clamped into it: never a token of no mass past either end.
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::nanf("");
+  const float edges[] = {-inf, 0.0f, 1.0f, -inf};
+  EXPECT(sample_row(edges, 4, 1.0f, 0, 1.0f, -0.5f, s) == 1);
+  EXPECT(sample_row(edges, 4, 1.0f, 0, 1.0f, nan, s) == 1);
+  EXPECT(sample_row(edges, 4, 1.0f, 0, 1.0f, 1.0f, s) == 2);
+  EXPECT(clamp_uniform(2.0f) < 1.0f && clamp_uniform(nan) == 0.0f && clamp_uniform(0.5f) == 0.5f);
+  // The +inf logits share the whole mass, equally.
+  const float infs[] = {3.0f, inf, 5.0f, inf};
+  EXPECT(sample_row(infs, 4, 1.0f, 0, 1.0f, 0.2f, s) == 1);
+  EXPECT(sample_row(infs, 4, 1.0f, 0, 1.0f, 0.7f, s) == 3);
+  EXPECT(sample_row(infs, 4, 1.0f, 0, 0.5f, 0.7f, s) == 1);  // the nucleus keeps the first only
+  // No distribution (all -inf, or a NaN): the greedy token.
+  const float none[] = {-inf, -inf, -inf};
+  const float nans[] = {1.0f, nan, inf, nan};
+  EXPECT(sample_row(none, 3, 1.0f, 0, 1.0f, 0.9f, s) == 0);
+  EXPECT(sample_row(nans, 4, 1.0f, 2, 0.9f, 0.9f, s) == 1);
+  // The largest scale (1 / the smallest temperature): the argmax, no NaN.
+  const float close[] = {1.0f, 1.0001f, 0.5f};
+  EXPECT(sample_row(close, 3, std::numeric_limits<float>::max(), 0, 1.0f, 0.99f, s) == 1);
 }
 
 static void test_dot_rows() {
