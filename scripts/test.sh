@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 EMULATED_TESTS=(tests/test_softmax_topk.py tests/test_marginalize.py tests/test_fused_mtp_heads.py
   tests/test_small_batch_linear.py tests/test_verify_tree.py tests/test_verify_tree_from_hidden.py
   tests/test_tree_helpers.py tests/test_bad_input.py tests/test_generate.py tests/test_generate_loop.py
-  tests/test_trees.py tests/test_heads.py)
+  tests/test_trees.py tests/test_heads.py tests/test_op_safety.py tests/test_sampling_edge_cases.py)
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"  # ninja from the environment
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release > /dev/null
