@@ -23,9 +23,8 @@ from .heads.base import PointFeatures
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
 __all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "prefill",
-           "step_linears", "run_step",
-           "read_step", "tree_mask", "compact_cache", "backbone", "logits_from_hidden",
-           "attention_window"]
+           "step_linears", "run_step", "read_step", "tree_mask", "compact_cache", "backbone",
+           "logits_from_hidden", "attention_window"]
 
 
 # ----------------------------------------------------------------------------------------------

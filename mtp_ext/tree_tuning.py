@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .data.cache import cache_dir, remove_stale_temps, temp_file, warn_once
+from .data.cache import cache_dir, remove_stale_temps, warn_once, write_file
 from .heads import MTPHeads
 from .settings import GenerationSettings
 from .tree_step import prefill, run_step, step_linears
@@ -199,14 +198,9 @@ def _read_profile(path: Path) -> DynamicTree | None:
 def _save_profile(path: Path, profile: TreeProfile) -> None:
     """Saves ``profile`` at ``path``; where that fails, keeps it for the process, saying so once."""
     remove_stale_temps(path.parent)
+    text = json.dumps(dataclasses.asdict(profile), indent=2)
     try:
-        tmp = temp_file(path)
-        try:
-            with open(tmp, "w") as f:
-                json.dump(dataclasses.asdict(profile), f, indent=2)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_file(path, lambda tmp: tmp.write_text(text))
     except OSError as err:
         _PROFILES[str(path)] = profile
         warn_once(f"profile:{path}", f"mtp_ext: the draft tree profile could not be saved in "

@@ -349,6 +349,15 @@ def tiny_llama(
     return model
 
 
+def decoding_llama(vocab: int, seed: int = 0):
+    """The decoding tests' model: a :func:`tiny_llama` (hidden 48, 2 layers) whose
+    ``generation_config`` has no EOS token and pads with 0, so every row runs to its length."""
+    m = tiny_llama(vocab, 48, 96, 2, seed)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = 0
+    return m
+
+
 def cycle_texts(vocab: int, seq: int, n_seqs: int, seed: int) -> torch.Tensor:
     """``[n_seqs, seq]`` token ids following one fixed cycle of 16 distinct ids below ``vocab``,
     each row at a random phase (``seed``): the token at ``t + 2`` is a function of the token at

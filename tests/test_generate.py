@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import perturbed_heads, tiny_causal_lm, tiny_llama, word_tokenizer
+from helpers import decoding_llama, perturbed_heads, tiny_causal_lm, word_tokenizer
 
 import mtp_ext
 from mtp_ext import reference
@@ -29,10 +29,7 @@ TREES = [1, "chain", 6, 16, [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)], DynamicTree
 
 
 def _model(vocab=VOCAB, seed=0):
-    m = tiny_llama(vocab, 48, 96, 2, seed)
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = 0
-    return m
+    return decoding_llama(vocab, seed)
 
 
 def _heads(model, kind="conditioned", seed=0, scale=0.05):

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import perturbed_heads, tiny_llama
+from helpers import decoding_llama, perturbed_heads
 
 import mtp_ext
 from mtp_ext.heads import MTPHeads, MTPHeadsConfig
@@ -21,10 +21,7 @@ VOCAB = 120
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_llama(VOCAB, 48, 96, 2, 0)
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = 0
-    return m
+    return decoding_llama(VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import CUDA_AVAILABLE, perturbed_heads, tiny_llama
+from helpers import CUDA_AVAILABLE, decoding_llama, perturbed_heads
 
 from mtp_ext.decoding import generate
 from mtp_ext.tree_step import HostContexts, SlotTable
@@ -64,10 +64,7 @@ class ReadCounter:
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_llama(VOCAB, 48, 96, 2, 0)
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = 0
-    return m
+    return decoding_llama(VOCAB)
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])
@@ -129,9 +126,7 @@ def test_slot_table_grows_like_concatenation():
 
 def _cuda_model_and_heads():
     """The tiny model and perturbed heads, built on the CPU, then both moved to the GPU."""
-    m = tiny_llama(VOCAB, 48, 96, 2, 0)
-    m.generation_config.eos_token_id = None
-    m.generation_config.pad_token_id = 0
+    m = decoding_llama(VOCAB)
     heads = perturbed_heads(m, "conditioned", 0, 0.05)
     return m.cuda(), heads.cuda()
 

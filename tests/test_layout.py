@@ -170,3 +170,18 @@ def test_each_part_imports_only_what_the_layout_allows():
     assert wrong == {}
     importers = {m for m, deps in graph.items() if any(_part(d) == "mtp_ext.cli" for d in deps)}
     assert {_part(m) for m in importers} <= {"mtp_ext.cli", "mtp_ext.__main__"}
+
+
+def test_public_names_keep_working_where_the_readme_shows_them():
+    import mtp_ext.assets
+    import mtp_ext.texts
+    import mtp_ext.train
+    from mtp_ext.data import assets, texts
+    from mtp_ext import training
+
+    assert mtp_ext.assets.load_model is assets.load_model
+    assert mtp_ext.texts.load_text is texts.load_text
+    assert mtp_ext.texts.prepare_texts is texts.prepare_texts
+    assert mtp_ext.train.train_heads is training.train_heads
+    assert mtp_ext.load_heads is mtp_ext.heads.shipped.load_heads
+    assert mtp_ext.generate is mtp_ext.decoding.generate

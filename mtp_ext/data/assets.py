@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_dir, discard, publish, remove_stale_temps, temp_dir, temp_file, warn_once
+from .cache import cache_dir, discard, publish, remove_stale_temps, temp_dir, warn_once, write_file
 
 __all__ = ["MODELS", "ModelAsset", "load_model", "model_file"]
 
@@ -117,15 +117,13 @@ def model_file(name: str) -> Path:
 
 def _join(chunks: list[Path], dest: Path) -> None:
     """Writes the concatenation of ``chunks`` to ``dest`` through a temporary file."""
-    tmp = temp_file(dest)
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as out:
             for path in chunks:
                 with open(path, "rb") as chunk:
                     shutil.copyfileobj(chunk, out, 1 << 22)
-        publish(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file(dest, write)
 
 
 _SCRATCH: list[Path] = []
@@ -181,12 +179,8 @@ def _manifest(folder: Path) -> dict:
 
 
 def _write_manifest(folder: Path) -> None:
-    tmp = temp_file(folder / MANIFEST)
-    try:
-        tmp.write_text(json.dumps(_manifest(folder), indent=1))
-        os.replace(tmp, folder / MANIFEST)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(_manifest(folder), indent=1)
+    write_file(folder / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 def _safetensors_damage(path: Path) -> str | None:

@@ -3,8 +3,8 @@ entries are written, so that processes sharing it never see half-written entries
 on one another's:
 
 - an entry is written under a unique temporary name beside it (:func:`temp_dir`,
-  :func:`temp_file`) and published in one rename (:func:`publish`); an entry that another process
-  published meanwhile counts as success;
+  :func:`temp_file`) and published in one rename (:func:`publish`, or :func:`write_file` for a
+  file); a folder that another process published meanwhile counts as success;
 - an entry is removed by renaming it aside first (:func:`discard`), so that no reader sees it half
   deleted;
 - temporary entries left by crashed runs are removed once nothing in them changed for a while
@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "cache_dir", "discard", "publish", "remove_stale_temps", "temp_dir", "temp_file", "warn_once",
+    "write_file",
 ]
 
 TEMP_SUFFIX = ".tmp"
@@ -43,29 +44,41 @@ def _temp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def temp_dir(dest: Path) -> Path:
-    """A new empty folder with a unique name beside ``dest`` (created with its parents), to be
-    filled and then published with :func:`publish`. Raises OSError where nothing can be written."""
+def _create_unique(dest: Path, create) -> Path:
+    """Calls ``create(path)`` on unique temporary names beside ``dest`` (its parents created)
+    until one does not exist yet; returns that path."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     while True:
         path = _temp_name(dest)
         try:
-            path.mkdir()  # unlike tempfile's, with the permissions the umask gives, as dest's
+            create(path)
             return path
         except FileExistsError:
             continue
 
 
+def temp_dir(dest: Path) -> Path:
+    """A new empty folder with a unique name beside ``dest`` (created with its parents), to be
+    filled and then published with :func:`publish`. Raises OSError where nothing can be written."""
+    # Path.mkdir, unlike tempfile's, gives the permissions the umask gives, as dest's.
+    return _create_unique(dest, Path.mkdir)
+
+
 def temp_file(dest: Path) -> Path:
     """A new empty file with a unique name beside ``dest``, as :func:`temp_dir`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = _temp_name(dest)
-        try:
-            with open(path, "xb"):
-                return path
-        except FileExistsError:
-            continue
+    return _create_unique(dest, lambda path: open(path, "xb").close())
+
+
+def write_file(dest: Path, write) -> None:
+    """Writes the file ``dest`` as one step: ``write(path)`` fills a unique temporary file beside
+    it (:func:`temp_file`), which then replaces ``dest`` in one rename; the temporary never
+    outlives the call. Raises OSError where nothing can be written."""
+    tmp = temp_file(dest)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def publish(tmp: Path, dest: Path) -> bool:

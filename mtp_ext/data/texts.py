@@ -62,7 +62,7 @@ from pathlib import Path
 from .alignment import build_en_es
 from .austen import AUSTEN_NOVELS, austen_items, read_rdb
 from .bible import bible_split, parse_bible_module
-from .cache import cache_dir
+from .cache import cache_dir, write_file
 from .debian import fetch_deb
 from .python_code import python_files, python_split
 
@@ -86,11 +86,8 @@ def text_path(name: str) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, separators=(",", ":"))
-    os.replace(tmp, path)
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _read_json(name: str):

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..attention_masks import sequence_mask
+from ..attention_masks import additive_mask, sequence_mask
 from ..hf_compat import cache_kwarg, crop_cache
 from .base import MTPHeads
 
@@ -95,9 +95,7 @@ def _block_causal_mask(
     allowed = kv <= q
     if sliding_window:
         allowed = allowed & (q - kv < int(sliding_window))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.expand(batch, 1, q_len, past + q_len)
+    return additive_mask(allowed[None], dtype).expand(batch, 1, q_len, past + q_len)
 
 
 class TransformerDraftState:

@@ -10,9 +10,11 @@ import dataclasses
 import hashlib
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
+from ..data.cache import write_file
 from ..heads import MTPHeads
 from .config import TrainConfig
 from .distributed import barrier, dist_info
@@ -95,9 +97,7 @@ def build_cache(
     if lasts:
         cache["last"] = torch.cat(lasts, 0)
     if path is not None:
-        os.makedirs(config.cache_dir, exist_ok=True)
-        torch.save(cache, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_file(Path(path), lambda tmp: torch.save(cache, tmp))
     return cache
 
 
