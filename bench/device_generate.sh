@@ -37,10 +37,10 @@ timeout "$(limit 150)" "$PY" bench/tree_step_cost.py --device cuda --shape llama
 
 step "SmolLM2 decoding speed"
 if join_smollm2; then
-  timeout "$(limit 300)" "$PY" bench/generate_speed.py --device cuda --prompts bench/prompts/smollm2.json \
+  timeout "$(limit 300)" "$PY" bench/generate_speed.py --device cuda --prompts bench/prompts/smollm2.json --set continuation \
     --rounds 2 --json "$OUT/generate_gpu.json" 2>&1 | tee "$OUT/generate_gpu.log" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "device_generate: generate_speed failed"; }
-  sed -n '/^SmolLM2-135M/,$p' "$OUT/generate_gpu.log" > "$OUT/generate_gpu.md"
+  sed -n '/^#### SmolLM2-135M/,$p' "$OUT/generate_gpu.log" > "$OUT/generate_gpu.md"
 else
   status=1
   echo "device_generate: no SmolLM2 GGUF here (carry both parts, see bench/README.md)"

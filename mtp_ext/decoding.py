@@ -24,17 +24,23 @@ read in one copy (:mod:`mtp_ext.tree_step` holds the step, the prefill and their
 On CPU the backbone's linear layers run through :func:`mtp_ext.fast_cpu` (small-row kernels) during
 tree steps, which is what makes a tree of a few nodes cost about one plain step there.
 
-Trees (``generate``'s ``tree``): None or ``"auto"``, a dynamic tree of the size that measured
-fastest for this model, device, dtype and heads (:func:`mtp_ext.tree_tuning.auto_tree`, profiled
-on the first call and cached); a node count (a dynamic tree); a list of rank paths or a
-:class:`~mtp_ext.trees.StaticTree`; ``"chain"``; or a :class:`~mtp_ext.trees.DynamicTree`.
+Trees (``generate``'s ``tree``): None or ``"auto"`` (the default), a size chosen at every step
+by :class:`~mtp_ext.controller.Controller` (:mod:`mtp_ext.controlled_steps`): the machine's
+measured step costs (:mod:`mtp_ext.step_costs`, measured once per machine, model, dtype, heads,
+threads and batch size, and cached) against the acceptance estimated while generating, from the
+heads' own probabilities and what the steps so far accepted; plain decoding (no drafting, no tree
+mask: what ``model.generate`` does per token) whenever no tree pays. Or a fixed tree: a node count
+(a dynamic tree); a list of rank paths or a :class:`~mtp_ext.trees.StaticTree`; ``"chain"``; or a
+:class:`~mtp_ext.trees.DynamicTree`.
 
 Prompt lookup (``prompt_lookup_num_tokens``, transformers' name for it): one more branch drafts the
 tokens that followed the last earlier occurrence of the context's final 1-3 tokens, continuing the
 heads' tree where it drafts the same first tokens (:func:`~mtp_ext.trees.add_branch`). It pays on
 repetitive text (quotes, code, translations) and is added only on steps where some row has a match.
-After a step in which a row accepted the whole branch, the next one is 4 tokens longer (up to twice
-the set length), and otherwise back to the set length.
+With the default tree the controller picks its length each step, up to twice
+``prompt_lookup_num_tokens``. With a fixed tree, after a step in which a row accepted the whole
+branch the next one is 4 tokens longer (up to twice the set length), and otherwise back to the set
+length.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ from . import reference as _reference_ops
 from .heads import MTPHeads
 from .settings import (GenerationSettings, check_arguments, check_input_ids, lookup_length,
                        resolve_attention_mask, resolve_settings)
-from .tree_step import DecodeState, HostContexts, prefill, run_step, step_linears
+from .controlled_steps import ControlledSteps
+from .tree_step import DecodeState, HostContexts, StepResult, prefill, run_step, step_linears
 from .trees import DynamicTree, StaticTree, TreeSpec, chain
 
 __all__ = ["generate", "MTPModel", "MTPGenerateOutput", "GenerationSettings"]
@@ -73,7 +80,10 @@ class MTPGenerateOutput:
         new_tokens: ``[B]`` int64, tokens generated per row (up to and including EOS).
         seconds: wall time of the call.
         tokens_per_second: ``new_tokens.sum() / seconds``.
-        tree_size: nodes per tree.
+        tree_size: nodes per tree (with the default tree: the most any step ran, lookup
+            branch included).
+        plans: per step, ``(tree nodes, lookup tokens)`` as the controller chose them (empty
+            with a fixed tree); ``(1, 0)`` is a plain step.
     """
 
     sequences: torch.Tensor
@@ -85,6 +95,7 @@ class MTPGenerateOutput:
     seconds: float
     tokens_per_second: float
     tree_size: int
+    plans: list = dataclasses.field(default_factory=list)
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -162,11 +173,10 @@ def _resolve_backend(backend):
     return backend
 
 
-def _tree_spec(tree, model, heads: MTPHeads, input_ids: torch.Tensor) -> TreeSpec:
+def _tree_spec(tree, heads: MTPHeads) -> TreeSpec | None:
+    """The fixed tree ``tree`` asks for, or None for the controller (None or ``"auto"``)."""
     if tree is None or (isinstance(tree, str) and tree == "auto"):
-        from .tree_tuning import auto_tree
-
-        return auto_tree(model, heads, input_ids)
+        return None
     if isinstance(tree, (StaticTree, DynamicTree)):
         return tree
     if isinstance(tree, int):
@@ -228,6 +238,24 @@ class _LookupBranch:
         self.length = _next_lookup_length(self.length, self.base, self.drafts, emitted, active)
 
 
+class _FixedSteps:
+    """Steps with a fixed tree (``generate``'s ``tree`` given) and the lookup branch's growth
+    heuristic; ``step`` as :meth:`~mtp_ext.controlled_steps.ControlledSteps.step`."""
+
+    def __init__(self, model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, settings,
+                 uniforms, ops, branch: _LookupBranch):
+        self.args = (model, heads, state, spec, settings, uniforms, ops)
+        self.branch = branch
+        self.size = spec.size
+        self.plans: list[tuple[int, int]] = []
+
+    def step(self, taken: list[list[int]], active: list[bool]) -> StepResult:
+        drafts = self.branch.next(taken, active)
+        res = run_step(*self.args, drafts, active)
+        self.branch.update(res.emitted, active)
+        return res
+
+
 @torch.no_grad()
 def generate(
     model, input_ids: torch.Tensor, heads: MTPHeads, *,
@@ -278,7 +306,7 @@ def generate(
         max_length=max_length, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
-    spec = _tree_spec(tree, model, heads, input_ids)
+    spec = _tree_spec(tree, heads)
     attention_mask = resolve_attention_mask(attention_mask, input_ids, settings)
     output = _Output(input_ids.shape[0], settings, streamer)
     if streamer is not None:
@@ -286,35 +314,42 @@ def generate(
 
     uniforms = functools.partial(_uniforms, generator=generator, device=input_ids.device)
     accepted: list[list[int]] = []
+    plans: list[tuple[int, int]] = []
+    size = spec.size if spec is not None else 1
     if settings.max_new_tokens > 0:
         state, first = prefill(model, heads, input_ids, attention_mask, settings, uniforms, ops)
-        branch = _LookupBranch(input_ids, attention_mask, lookup, settings.max_new_tokens)
         with step_linears(model, input_ids.device):
-            accepted = _decode(model, heads, state, spec, settings, uniforms, ops, output,
-                               output.emit([[t] for t in first.tolist()]), branch, on_step)
+            if spec is None:
+                contexts = (HostContexts(input_ids, attention_mask, settings.max_new_tokens)
+                            if lookup else None)
+                steps = ControlledSteps(model, heads, state, settings, uniforms, ops, contexts,
+                                        2 * lookup)
+            else:
+                branch = _LookupBranch(input_ids, attention_mask, lookup, settings.max_new_tokens)
+                steps = _FixedSteps(model, heads, state, spec, settings, uniforms, ops, branch)
+            accepted = _decode(steps, output, output.emit([[t] for t in first.tolist()]), on_step)
+        plans = steps.plans
+        if spec is None:
+            size = max((t + k for t, k in plans), default=1)
     if streamer is not None:
         streamer.end()
     sequences = output.sequences(input_ids)
     if not return_dict_in_generate:
         return sequences
-    return _result(sequences, output, accepted, spec.size, time.perf_counter() - t_start)
+    return _result(sequences, output, accepted, size, time.perf_counter() - t_start, plans)
 
 
 def _uniforms(shape, generator: torch.Generator | None, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=device)
 
 
-def _decode(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, settings, uniforms, ops,
-            output: "_Output", taken: list[list[int]], branch: _LookupBranch,
-            on_step) -> list[list[int]]:
-    """Tree steps until every row has finished; returns the draft tokens each step accepted per
-    row (-1 for rows already finished)."""
+def _decode(steps, output: "_Output", taken: list[list[int]], on_step) -> list[list[int]]:
+    """Steps (``steps.step``) until every row has finished; returns the draft tokens each step
+    accepted per row (-1 for rows already finished)."""
     accepted = []
     while not output.finished:
         active = [not d for d in output.done]
-        drafts = branch.next(taken, active)
-        res = run_step(model, heads, state, spec, settings, uniforms, ops, drafts, active)
-        branch.update(res.emitted, active)
+        res = steps.step(taken, active)
         if on_step is not None:
             on_step(res.tree, res.num_accepted, res.path)
         accepted.append([n if a else -1 for n, a in zip(res.accepted, active)])
@@ -323,7 +358,7 @@ def _decode(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, settings
 
 
 def _result(sequences: torch.Tensor, output: "_Output", accepted: list[list[int]], T: int,
-            seconds: float) -> MTPGenerateOutput:
+            seconds: float, plans: list[tuple[int, int]]) -> MTPGenerateOutput:
     """The statistics of a call (:class:`MTPGenerateOutput`)."""
     B = sequences.shape[0]
     new_tokens = torch.tensor([len(r) for r in output.rows], dtype=torch.long)
@@ -335,6 +370,7 @@ def _result(sequences: torch.Tensor, output: "_Output", accepted: list[list[int]
         tokens_per_step=float((live.float() + 1).mean()) if live.numel() else 0.0,
         new_tokens=new_tokens, seconds=seconds,
         tokens_per_second=float(new_tokens.sum()) / seconds if seconds > 0 else 0.0, tree_size=T,
+        plans=list(plans),
     )
 
 

@@ -23,7 +23,7 @@ from .heads.base import PointFeatures
 from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
 
 __all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "prefill",
-           "step_linears", "run_step", "read_step", "tree_mask", "compact_cache", "backbone",
+           "step_linears", "run_step", "verify_step", "plain_step", "read_step", "tree_mask", "compact_cache", "backbone",
            "logits_from_hidden", "attention_window"]
 
 
@@ -164,7 +164,9 @@ class DecodeState:
     (:class:`SlotTable`); ``next_pos [B]`` int64, the position id of each row's root; ``root [B]``
     int64, the last accepted token; ``feature``, what the heads draft from at the position before
     the root; ``window``, the model's sliding window (None without sliding-attention layers);
-    ``features``, how ``feature`` follows the steps (:meth:`MTPHeads.decode_features`)."""
+    ``features``, how ``feature`` follows the steps (:meth:`MTPHeads.decode_features`); ``dense``,
+    True when every cache slot is valid and holds the position of its index (one unpadded row:
+    tree steps keep exactly the accepted path), so that a plain step needs no attention mask."""
 
     cache: Any
     slots: SlotTable
@@ -173,18 +175,20 @@ class DecodeState:
     feature: Any
     window: int | None
     features: Any = dataclasses.field(default_factory=PointFeatures)
+    dense: bool = False
 
 
 def start_state(model, heads: MTPHeads, cache, prompt_out, valid: torch.Tensor,
-                positions: torch.Tensor, root: torch.Tensor) -> DecodeState:
+                positions: torch.Tensor, root: torch.Tensor, dense: bool = False) -> DecodeState:
     """The state after the prompt: ``cache`` holds its keys and values and ``prompt_out`` is the
     model's output over it (every hidden state); ``valid [B, P]`` bool (False at padding),
-    ``positions [B, P]`` int64 position ids, ``root [B]`` int64 the first new token."""
+    ``positions [B, P]`` int64 position ids, ``root [B]`` int64 the first new token; ``dense``:
+    one row without padding (see :class:`DecodeState`)."""
     slots = SlotTable(valid, positions)
     features = heads.decode_features()
     return DecodeState(cache=cache, slots=slots, next_pos=valid.long().sum(1), root=root,
                        feature=features.at_prompt(heads, prompt_out, slots),
-                       window=attention_window(model), features=features)
+                       window=attention_window(model), features=features, dense=dense)
 
 
 def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -220,7 +224,8 @@ def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: tor
         sampling = (0.0, 0, 1.0, None)
     _, first, _ = ops.verify_tree(root_draft, parents, out.logits[:, -1][:, None], *sampling)
     first = first[:, 0]
-    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first), first
+    dense = B == 1 and bool(attention_mask.bool().all())
+    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first, dense), first
 
 
 def step_linears(model, device: torch.device):
@@ -310,6 +315,14 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
             of their path than the longest kept by a live row, so they do not widen the cache.
     """
     tree = build_tree(heads, state.feature, state.root, spec)
+    return verify_step(model, heads, state, tree, settings, uniforms_fn, ops, branch, active)
+
+
+def verify_step(model, heads: MTPHeads, state: DecodeState, tree: DraftTree, settings, uniforms_fn,
+                ops, branch: torch.Tensor | None = None,
+                active: list[bool] | None = None) -> StepResult:
+    """The rest of :func:`run_step` once the tree is drafted: adds ``branch``, runs the backbone
+    over the tree, verifies it, compacts the cache and advances ``state``."""
     if branch is not None:
         tree = add_branch(tree, branch)
     T = tree.size
@@ -338,6 +351,8 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
     verified = num_acc
     if keep <= max(accepted):  # a finished row accepted more: cut its path (no host read)
         num_acc = num_acc.clamp(max=keep - 1)
+    if keep != max(accepted) + 1 or min(accepted) != max(accepted):
+        state.dense = False  # rows keep paths of different lengths: the cache gets holes
     compact_cache(state.cache, path, num_acc, T, keep, ops)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     kept = torch.arange(keep, device=tokens.device)[None]
@@ -347,3 +362,48 @@ def run_step(model, heads: MTPHeads, state: DecodeState, spec: TreeSpec, setting
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
     return StepResult(accepted, emitted, tree, verified, path)
+
+
+def plain_step(model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn, ops) -> StepResult:
+    """One token per row, as a step of ``model.generate`` makes it: the backbone over the roots
+    alone (no draft, no tree mask where the cache is dense: the model masks causally itself),
+    the output layer on that position, then an argmax (greedy) or one sample (the 1-node
+    :func:`verify_tree` the prefill uses). Keeps the state as a tree step of one node would, so
+    the next step may draft again.
+
+    Returns:
+        a :class:`StepResult` with ``accepted`` all 0 and ``tree`` the one-node tree of roots.
+    """
+    B = state.root.shape[0]
+    dev = state.root.device
+    pos = state.next_pos[:, None]
+    if state.dense:
+        mask = None
+    else:
+        mask, _ = tree_mask(state, torch.full((B, 1), -1, dtype=torch.long, device=dev),
+                            heads.lm_head_weight.dtype, ops)
+    base = backbone(model)
+    out = base(
+        state.root[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+        output_hidden_states=not heads.config.reads_last, **cache_kwarg(base, state.cache),
+    )
+    hidden = out.last_hidden_state[:, -1]  # [B, D]
+    zeros = torch.zeros(B, dtype=torch.long, device=dev)
+    path = zeros[:, None]
+    if settings.do_sample:
+        root_draft = torch.full((B, 1), -1, dtype=torch.long, device=dev)
+        parents = torch.full((1,), -1, dtype=torch.long, device=dev)
+        logits = logits_from_hidden(model, hidden)[:, None]  # [B, 1, V]
+        _, tokens, _ = ops.verify_tree(root_draft, parents, logits, settings.temperature,
+                                       settings.top_k, settings.top_p, uniforms_fn((B, 1)))
+        token = tokens[:, 0]
+    else:  # soft-capping does not move the argmax
+        token = model.get_output_embeddings()(hidden).argmax(-1)
+    emitted = [[t] for t in token.tolist()]
+    tree = DraftTree(state.root[:, None], path - 1, path, torch.zeros(B, 1, device=dev))
+    state.feature = state.features.after_step(heads, out, path, zeros, 1, state.slots,
+                                              state.next_pos)
+    state.slots.append(torch.ones(B, 1, dtype=torch.bool, device=dev), pos)
+    state.next_pos = state.next_pos + 1
+    state.root = token
+    return StepResult([0] * B, emitted, tree, zeros, path)

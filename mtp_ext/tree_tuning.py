@@ -1,4 +1,4 @@
-"""Choosing the draft tree's size from measurement (``mtp_ext.tree_tuning``).
+"""Profiling draft tree sizes on one prompt (``mtp_ext.tree_tuning``).
 
 A bigger tree accepts more tokens per step but costs more per step; where the balance lies depends
 on the model, the device, the dtype and the heads. :func:`profile_tree_sizes` measures both on a
@@ -13,33 +13,28 @@ when no tree pays.
 - Cost: a few greedy steps at each size, timed step by step (median), through
   :func:`~mtp_ext.tree_step.run_step` as ``generate`` runs them.
 
-:func:`auto_tree` caches the chosen size per model, device, dtype, heads and thread count in a JSON
-file under the cache folder (``MTP_EXT_CACHE``), so the profile runs once; where that folder cannot
-be written, the profile is kept for the process.
+This is an offline study of one prompt (benchmarks, the evaluation). ``generate`` does not use it:
+its default tree is chosen at every step (:mod:`mtp_ext.controller`), since how much a tree
+accepts changes with the text being generated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import ops
-from .data.cache import cache_dir, remove_stale_temps, warn_once, write_file
 from .heads import MTPHeads
 from .settings import GenerationSettings
 from .tree_step import prefill, run_step, step_linears
 from .trees import DraftTree, DynamicTree
 
-__all__ = ["TreeProfile", "profile_tree_sizes", "auto_tree", "selection_ranks"]
+__all__ = ["TreeProfile", "profile_tree_sizes", "selection_ranks"]
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 DEFAULT_WIDTH = 4
@@ -162,71 +157,3 @@ def profile_tree_sizes(
     rate = [n / ms for n, ms in zip(tps, step_ms)]
     best = sizes[max(range(len(sizes)), key=lambda i: rate[i])]
     return TreeProfile(sizes, width, step_ms, tps, rate, best)
-
-
-def _profile_key(model, heads: MTPHeads) -> str:
-    lm = heads.lm_head_weight
-    card = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else ""
-    h = hashlib.sha256()
-    h.update(repr((
-        getattr(model.config, "_name_or_path", ""), type(model).__name__, str(lm.device), card,
-        str(lm.dtype), torch.get_num_threads(), heads.config.to_dict(), torch.__version__,
-    )).encode())
-    for p in heads.state_dict().values():
-        h.update(repr(float(p.double().sum())).encode())
-    return h.hexdigest()[:20]
-
-
-def _profile_path(key: str) -> Path:
-    return cache_dir() / "tree_profiles" / f"{key}.json"
-
-
-# Profiles that could not be saved in the cache, by the path they would have had: kept for the
-# process, so that a read-only cache profiles once per process rather than on every call.
-_PROFILES: dict[str, TreeProfile] = {}
-
-
-def _read_profile(path: Path) -> DynamicTree | None:
-    """The tree of the profile saved at ``path``, or None where there is none or it is damaged."""
-    try:
-        with open(path) as f:
-            return TreeProfile(**json.load(f)).tree()
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _save_profile(path: Path, profile: TreeProfile) -> None:
-    """Saves ``profile`` at ``path``; where that fails, keeps it for the process, saying so once."""
-    remove_stale_temps(path.parent)
-    text = json.dumps(dataclasses.asdict(profile), indent=2)
-    try:
-        write_file(path, lambda tmp: tmp.write_text(text))
-    except OSError as err:
-        _PROFILES[str(path)] = profile
-        warn_once(f"profile:{path}", f"mtp_ext: the draft tree profile could not be saved in "
-                  f"{path.parent} ({err}); it is kept for this process only")
-
-
-def auto_tree(
-    model, heads: MTPHeads, input_ids: torch.Tensor, refresh: bool = False, progress: bool = False
-) -> DynamicTree:
-    """The dynamic tree whose size measured fastest for this model, device, dtype, heads and thread
-    count: read from the cache, or profiled on ``input_ids`` (its first row) and cached (for the
-    process only, with one warning, where the cache cannot be written)."""
-    path = _profile_path(_profile_key(model, heads))
-    if not refresh:
-        tree = _read_profile(path)
-        if tree is None and str(path) in _PROFILES:
-            tree = _PROFILES[str(path)].tree()
-        if tree is not None:
-            return tree
-    sizes, width = default_grid(heads.lm_head_weight.device)
-    if progress:
-        print("profiling draft tree sizes (once per model, device, dtype, heads and threads)")
-    else:  # a library call: one line on stderr, since the first call takes noticeably longer
-        print(f"mtp_ext: measuring draft tree sizes {sizes[0]}..{sizes[-1]} for this model, device, "
-              f"dtype, heads and thread count (once; cached in {path.parent})", file=sys.stderr,
-              flush=True)
-    profile = profile_tree_sizes(model, heads, input_ids, sizes, width, progress=progress)
-    _save_profile(path, profile)
-    return profile.tree()

@@ -31,7 +31,7 @@ from .heads import MTPHeads
 
 __all__ = [
     "DraftTree", "StaticTree", "DynamicTree", "chain", "build_tree", "TreeSpec", "lookup_draft",
-    "add_branch",
+    "add_branch", "DraftPool", "draft_pool",
 ]
 
 
@@ -183,11 +183,65 @@ def _repeat_each(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unsqueeze(2).expand(B, P, n, *x.shape[2:]).reshape(B, P * n, *x.shape[2:])
 
 
-def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: DynamicTree) -> DraftTree:
+@dataclasses.dataclass
+class DraftPool:
+    """The candidates a :class:`DynamicTree` is cut from, before the cut: ``C`` pool nodes per row
+    (index 0 the root) with their ``tokens``, ``parents`` (pool indices), ``depths`` and joint
+    draft log-probabilities ``scores`` (all ``[B, C]``), and ``ranked [B, C]`` int64, the pool
+    indices in selection order (by score, then depth, then pool index; the root first). The
+    dynamic tree of size ``T`` is the first ``T`` of ``ranked`` (:meth:`select`), so the trees of
+    every size come from one pool, and drafting costs the same whatever size is cut."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    scores: torch.Tensor
+    ranked: torch.Tensor
+
+    @property
+    def capacity(self) -> int:
+        """``C``, the largest tree the pool holds."""
+        return int(self.tokens.shape[1])
+
+    def ranked_nodes(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [B, n] float32, depths [B, n] int64)`` of the first ``n`` nodes in selection
+        order (``n`` at most :attr:`capacity`)."""
+        order = self.ranked[:, :n]
+        return self.scores.gather(1, order), self.depths.gather(1, order)
+
+    def select(self, size: int) -> DraftTree:
+        """The dynamic tree of the ``min(size, C)`` best nodes, in topological order."""
+        B, C = self.tokens.shape
+        dev = self.tokens.device
+        T = max(1, min(int(size), C))
+        order = self.ranked[:, :T]
+        # Topological order of the kept nodes: by depth, then pool index.
+        rank = self.depths.gather(1, order) * C + order
+        order = order.gather(1, torch.sort(rank, dim=1).indices)
+        # Re-index parents into the kept order.
+        new_index = torch.full((B, C), -1, dtype=torch.long, device=dev)
+        new_index.scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
+        old_par = self.parents.gather(1, order)
+        parents = torch.where(old_par < 0, old_par, new_index.gather(1, old_par.clamp(min=0)))
+        # Every kept node's parent is kept (scores never rise along a path, and ties go to the
+        # shallower node), so no parent index is -1 past the root: tests check it (no device sync).
+        return DraftTree(self.tokens.gather(1, order), parents, self.depths.gather(1, order),
+                         self.scores.gather(1, order))
+
+
+def draft_pool(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, width: int,
+               max_depth: int | None = None) -> DraftPool:
+    """The candidate pool of a dynamic tree (:class:`DraftPool`): at every depth the ``width``
+    best nodes so far get ``width`` children each, up to ``max_depth`` (default: every head).
+
+    Args:
+        x: ``[B, D]`` what the heads draft from (:meth:`MTPHeads.draft_input`).
+        root: ``[B]`` int64 root tokens.
+    """
     B, D = x.shape
     dev = x.device
-    W = spec.width
-    max_depth = heads.config.num_heads if spec.max_depth is None else spec.max_depth
+    W = width
+    max_depth = heads.config.num_heads if max_depth is None else max_depth
     if max_depth > heads.config.num_heads:
         raise ValueError(
             f"max_depth={max_depth} but the heads draft only {heads.config.num_heads} tokens"
@@ -202,8 +256,6 @@ def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: D
     feat = [x.view(B, 1, D)]
     frontier = torch.zeros(B, 1, dtype=torch.long, device=dev)  # pool indices at depth d - 1
     for d in range(1, max_depth + 1):
-        if spec.size <= 1:
-            break
         pool_tok = torch.cat(tok, 1)
         pool_feat = torch.cat(feat, 1)
         f_tok = pool_tok.gather(1, frontier)
@@ -223,24 +275,22 @@ def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: D
         order = torch.sort(-new_score, dim=1, stable=True).indices[:, :keep]
         frontier = base + order
     tok, par, score, depth = (torch.cat(a, 1) for a in (tok, par, score, depth))
-    C = tok.shape[1]
-    T = min(spec.size, C)
-    # Keep the T best: by score, then depth (a parent before a child of equal score; the root,
+    # Selection order: by score, then depth (a parent before a child of equal score; the root,
     # score 0 and depth 0, always first), then pool index. Two stable sorts, the last key first.
     order = torch.sort(depth, dim=1, stable=True).indices
-    order = order.gather(1, torch.sort(-score.gather(1, order), dim=1, stable=True).indices)[:, :T]
-    # Topological order of the kept nodes: by depth, then pool index.
-    d_kept = depth.gather(1, order)
-    rank = d_kept * C + order
-    order = order.gather(1, torch.sort(rank, dim=1).indices)
-    # Re-index parents into the kept order.
-    new_index = torch.full((B, C), -1, dtype=torch.long, device=dev)
-    new_index.scatter_(1, order, torch.arange(T, device=dev).expand(B, T))
-    old_par = par.gather(1, order)
-    parents = torch.where(old_par < 0, old_par, new_index.gather(1, old_par.clamp(min=0)))
-    # Every kept node's parent is kept (scores never rise along a path, and ties go to the
-    # shallower node), so no parent index is -1 past the root: tests check it (no device sync).
-    return DraftTree(tok.gather(1, order), parents, depth.gather(1, order), score.gather(1, order))
+    order = order.gather(1, torch.sort(-score.gather(1, order), dim=1, stable=True).indices)
+    return DraftPool(tok, par, depth, score, order)
+
+
+def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: DynamicTree) -> DraftTree:
+    if spec.size <= 1:  # the root alone: nothing to draft
+        if spec.max_depth is not None and spec.max_depth > heads.config.num_heads:
+            raise ValueError(f"max_depth={spec.max_depth} but the heads draft only "
+                             f"{heads.config.num_heads} tokens")
+        B = x.shape[0]
+        z = torch.zeros(B, 1, dtype=torch.long, device=x.device)
+        return DraftTree(root.view(B, 1).clone(), z - 1, z, torch.zeros(B, 1, device=x.device))
+    return draft_pool(heads, x, root, spec.width, spec.max_depth).select(spec.size)
 
 
 @torch.no_grad()

@@ -12,6 +12,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` from any test 
 # The CUDA launchers skip the argument checks that must read device data (a host sync) unless this
 # is set; the bad-input tests expect those checks on every device.
 os.environ.setdefault("MTP_EXT_CUDA_VALUE_CHECKS", "1")
+# The linear kernel's per-machine choice (mtp_ext.linear_choice) would time every tiny test model's
+# shapes on first use: the suite routes as before the choice (small-row kernel for 2..64 rows),
+# and tests/test_linear_choice.py tests the choice with injected and measured costs.
+os.environ.setdefault("MTP_EXT_LINEAR_KERNEL", "ours")
 
 import mtp_ext  # noqa: F401  (registers torch.ops.mtp_ext before any test is collected)
 

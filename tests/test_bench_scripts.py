@@ -72,6 +72,7 @@ def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
         pytest.skip(str(err))
     out = tmp_path / "speed.json"
     res = _run(["bench/generate_speed.py", "--prompts", "bench/prompts/smollm2.json",
+                "--set", "continuation",
                 "--new-tokens", "4", "--rounds", "1", "--tree", "4", "--json", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())

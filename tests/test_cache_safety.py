@@ -1,7 +1,8 @@
 """The cache folder under stress: processes that fill an empty cache at once, converted models that
 were damaged or half written, temporary folders left by crashed runs, and a cache that cannot be
-written (the converted-model cache of ``mtp_ext.data.assets`` and the tree profiles of
-``mtp_ext.tree_tuning``).
+written (the converted-model cache of ``mtp_ext.data.assets``; the cached step costs of
+``mtp_ext.step_costs`` are tested in ``test_controlled_decoding.py``, the kernel choices of
+``mtp_ext.linear_choice`` in ``test_linear_choice.py``).
 
 The GGUF conversion (``assets._dequantize``) is swapped for a small random Llama and a word-level
 tokenizer, so that everything else (joining, publishing, the manifest, verification, repair) runs
@@ -356,59 +357,3 @@ def test_unwritable_model_cache_loads_with_one_warning(fake, unwritable_cache, c
     assert not models.is_dir() or not any(models.iterdir())
 
 
-def _fake_profile(calls):
-    from mtp_ext import tree_tuning as tt
-
-    def profile(model, heads, input_ids, sizes, width, **kwargs):
-        calls.append(sizes)
-        return tt.TreeProfile(list(sizes), width, [1.0] * len(sizes), [1.0] * len(sizes),
-                              [1.0] * len(sizes), best=2)
-
-    return profile
-
-
-@pytest.fixture
-def tiny_llama_and_heads():
-    from helpers import tiny_llama
-
-    from mtp_ext.heads import MTPHeads
-
-    model = tiny_llama(200, 48, 96, 2, 0)
-    model.generation_config.eos_token_id = None
-    return model, MTPHeads.for_model(model, 3, kind="resblock")
-
-
-def test_unwritable_profile_cache_profiles_once_and_warns_once(
-    tiny_llama_and_heads, unwritable_cache, monkeypatch, capsys
-):
-    import mtp_ext
-    from mtp_ext import tree_tuning as tt
-
-    model, heads = tiny_llama_and_heads
-    calls = []
-    monkeypatch.setattr(tt, "profile_tree_sizes", _fake_profile(calls))
-    monkeypatch.setattr(tt, "_PROFILES", {})
-    ids = torch.randint(1, 200, (1, 6), generator=torch.Generator().manual_seed(3))
-    assert tt.auto_tree(model, heads, ids).size == 2
-    assert tt.auto_tree(model, heads, ids).size == 2
-    want = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(mtp_ext.generate(model, ids, heads, max_new_tokens=8), want)
-    assert len(calls) == 1
-    err = capsys.readouterr().err
-    assert err.count("could not be saved") == 1, err
-
-
-def test_damaged_profile_is_measured_again(tiny_llama_and_heads, tmp_path, monkeypatch, capsys):
-    from mtp_ext import tree_tuning as tt
-
-    model, heads = tiny_llama_and_heads
-    monkeypatch.setenv("MTP_EXT_CACHE", str(tmp_path))
-    calls = []
-    monkeypatch.setattr(tt, "profile_tree_sizes", _fake_profile(calls))
-    ids = torch.randint(1, 200, (1, 6), generator=torch.Generator().manual_seed(3))
-    tt.auto_tree(model, heads, ids)
-    (path,) = (tmp_path / "tree_profiles").iterdir()
-    path.write_text('{"sizes": [1, 2')  # cut short
-    assert tt.auto_tree(model, heads, ids).size == 2 and len(calls) == 2
-    assert json.loads(path.read_text())["best"] == 2
-    assert [p.name for p in (tmp_path / "tree_profiles").iterdir()] == [path.name]

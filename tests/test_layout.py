@@ -115,6 +115,8 @@ def test_graph_sees_function_level_imports(tmp_path):
     assert "mtp_ext.tree_tuning" in graph
     assert "mtp_ext.decoding" not in graph["mtp_ext.tree_tuning"]
     assert "mtp_ext.tree_step" in graph["mtp_ext.tree_tuning"]
+    # the demo imports the shipped heads inside run_decode_demo only
+    assert "mtp_ext.heads.shipped" in graph["mtp_ext.cli.demo"]
 
 
 @pytest.mark.parametrize("kind", __import__("mtp_ext.heads", fromlist=["KINDS"]).KINDS)
@@ -138,14 +140,21 @@ ALLOWED = {
     "mtp_ext.hf_compat": set(),
     "mtp_ext.settings": set(),
     "mtp_ext.attention_masks": set(),
-    "mtp_ext.cpu_linear": {"mtp_ext.ops"},
+    "mtp_ext.machine": set(),
+    "mtp_ext.linear_choice": {"mtp_ext.ops", "mtp_ext.data", "mtp_ext.machine"},
+    "mtp_ext.cpu_linear": {"mtp_ext.ops", "mtp_ext.linear_choice"},
     "mtp_ext.heads": _CORE_BASE | {"mtp_ext.attention_masks", "mtp_ext.data"},
     "mtp_ext.trees": {"mtp_ext.heads"},
     "mtp_ext.tree_step": _CORE_BASE | {"mtp_ext.cpu_linear", "mtp_ext.heads", "mtp_ext.trees"},
-    "mtp_ext.tree_tuning": _CORE_BASE | {"mtp_ext.data", "mtp_ext.heads", "mtp_ext.settings",
-                                         "mtp_ext.tree_step", "mtp_ext.trees"},
-    "mtp_ext.decoding": _CORE_BASE | {"mtp_ext.heads", "mtp_ext.settings", "mtp_ext.tree_step",
-                                      "mtp_ext.tree_tuning", "mtp_ext.trees"},
+    "mtp_ext.tree_tuning": _CORE_BASE | {"mtp_ext.heads", "mtp_ext.settings", "mtp_ext.tree_step",
+                                         "mtp_ext.trees"},
+    "mtp_ext.controller": set(),
+    "mtp_ext.step_costs": _CORE_BASE | {"mtp_ext.data", "mtp_ext.heads", "mtp_ext.machine",
+                                        "mtp_ext.settings", "mtp_ext.tree_step", "mtp_ext.trees"},
+    "mtp_ext.controlled_steps": {"mtp_ext.controller", "mtp_ext.heads", "mtp_ext.step_costs",
+                                 "mtp_ext.tree_step", "mtp_ext.trees"},
+    "mtp_ext.decoding": _CORE_BASE | {"mtp_ext.controlled_steps", "mtp_ext.heads",
+                                      "mtp_ext.settings", "mtp_ext.tree_step", "mtp_ext.trees"},
     "mtp_ext.training": _CORE_BASE | {"mtp_ext.heads", "mtp_ext.data"},
     "mtp_ext.evaluation": _CORE_BASE | {"mtp_ext.heads", "mtp_ext.data", "mtp_ext.training"},
 }

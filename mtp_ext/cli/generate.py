@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 __all__ = ["add_parser", "run"]
 
@@ -30,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tree", type=_tree_arg, default=None,
-                   help="draft tree: node count or 'chain' (default: chosen for the model)")
+                   help="draft tree: node count or 'chain' (default: chosen at every step)")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -76,13 +75,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     heads = MTPHeads.from_pretrained(args.heads, model) if args.heads else load_heads(args.model, model)
     ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
-    tree = args.tree
-    if tree is None:
-        from ..tree_tuning import auto_tree
-
-        tree = auto_tree(model, heads, ids, progress=True)
-        print(f"[mtp-ext] draft tree: {tree.size} nodes", file=sys.stderr)
-    settings["tree"] = tree
+    settings["tree"] = args.tree  # None: chosen at every step (mtp_ext.controller)
     if args.do_sample:
         settings["generator"] = torch.Generator().manual_seed(args.seed)
     streamer = None

@@ -1,0 +1,153 @@
+"""Steps whose tree size and lookup length a :class:`~mtp_ext.controller.Controller` picks
+(``mtp_ext.controlled_steps``): what ``generate`` runs with its default ``tree``.
+
+Each step:
+
+1. the prompt-lookup drafts of every live row are read from the host contexts (no device work);
+2. the controller plans: draft or not (and, when not, the lookup length);
+3. when drafting, the heads draft one candidate pool (:func:`~mtp_ext.trees.draft_pool`), its
+   ranked probabilities are read on the host, and the controller picks the tree size and lookup
+   length for this pool;
+4. a tree or lookup step runs (:func:`~mtp_ext.tree_step.verify_step`), or, when neither pays, a
+   plain step (:func:`~mtp_ext.tree_step.plain_step`);
+5. the controller observes how deep the tree's and the branch's drafts were accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .controller import DEFAULT_SIZES, Controller, Plan
+from .heads import MTPHeads
+from .step_costs import step_costs
+from .tree_step import DecodeState, HostContexts, StepResult, plain_step, verify_step
+from .trees import DynamicTree, build_tree, draft_pool
+
+__all__ = ["ControlledSteps", "default_grid", "GPU_SIZES"]
+
+DEFAULT_WIDTH = 4
+# On a GPU a forward pass over 64 nodes costs about one over a single token for small models, so
+# larger trees are tried, with a width whose pool holds them (1 + 8 + 64 + ... nodes).
+GPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+GPU_WIDTH = 8
+
+
+def default_grid(device: torch.device) -> tuple[tuple[int, ...], int]:
+    """``(tree sizes, pool width)`` the controller chooses among on ``device``."""
+    return (GPU_SIZES, GPU_WIDTH) if torch.device(device).type == "cuda" else (DEFAULT_SIZES, DEFAULT_WIDTH)
+
+
+def _leading(row: list[int]) -> int:
+    """How many leading entries of a -1 padded draft row are tokens."""
+    n = 0
+    for t in row:
+        if t < 0:
+            break
+        n += 1
+    return n
+
+
+def _matched(draft: list[int], emitted: list[int], available: int) -> int:
+    """How many of a lookup draft's first tokens equal the emitted ones (the model's targets)."""
+    n = 0
+    for d, e in zip(draft[:available], emitted):
+        if d != e:
+            break
+        n += 1
+    return n
+
+
+class ControlledSteps:
+    """The per-call stepper of ``generate``'s default tree (see the module docstring).
+
+    Args:
+        model, heads, state: the backbone, its heads and the state after the prefill.
+        settings, uniforms_fn, ops: as :func:`~mtp_ext.tree_step.run_step` takes them.
+        contexts: the rows' tokens on the host (for prompt lookup), or None when lookup is off.
+        max_lookup: the longest lookup branch.
+        controller: a :class:`Controller` (default: one over this machine's measured step costs
+            for this model, dtype, heads and batch size, :func:`~mtp_ext.step_costs.step_costs`).
+    """
+
+    def __init__(self, model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn, ops,
+                 contexts: HostContexts | None, max_lookup: int, controller: Controller | None = None):
+        self.model, self.heads, self.state = model, heads, state
+        self.settings, self.uniforms_fn, self.ops = settings, uniforms_fn, ops
+        self.contexts = contexts if max_lookup > 0 else None
+        self.max_lookup = max_lookup if contexts is not None else 0
+        device = state.root.device
+        sizes, self.width = default_grid(device)
+        if controller is None:
+            costs = step_costs(model, heads, batch=state.root.shape[0], width=self.width)
+            controller = Controller(costs, sizes, self.max_lookup, heads.config.num_heads)
+        self.controller = controller
+        self.pin = device.type == "cuda"
+        self.plans: list[tuple[int, int]] = []  # (tree nodes, lookup tokens) per step
+
+    def _drafts(self, taken: list[list[int]], active: list[bool]):
+        """``(drafts [B, max_lookup] host tensor or None, rows as lists or None)``."""
+        if self.contexts is None:
+            return None, None
+        for b, new in enumerate(taken):
+            if new:
+                self.contexts.extend(b, new)
+        drafts = self.contexts.lookup(self.max_lookup, active, pin=self.pin)
+        return drafts, (drafts.tolist() if drafts is not None else None)
+
+    def _pool_choice(self, plan: Plan, live: list[int], available: list[int]):
+        """Drafts the pool and lets the controller cut it: ``(plan, tree, masses)``."""
+        state, heads = self.state, self.heads
+        pool = draft_pool(heads, heads.draft_input(state.feature), state.root, self.width)
+        n = min(pool.capacity, max(self.controller.sizes))
+        scores, depths = pool.ranked_nodes(n)
+        both = torch.stack([scores[:, 1:], depths[:, 1:].to(scores.dtype)]).tolist()  # one read
+        probs = [Controller.probabilities(both[0][b]) for b in live]
+        plan_, row_masses = self.controller.choose(probs, [[int(d) for d in both[1][b]] for b in live],
+                                                   available, probe=plan.probe)
+        plan = Plan(True, plan_.tree, plan_.lookup, plan_.rate, plan.probe)
+        tree = pool.select(plan.tree) if plan.tree > 1 else None
+        masses = [m[plan.tree] for m in row_masses] if plan.tree > 1 else None
+        return plan, tree, masses
+
+    def step(self, taken: list[list[int]], active: list[bool]) -> StepResult:
+        """Runs one step; ``taken``: the tokens each row took last step (for the contexts)."""
+        drafts, rows = self._drafts(taken, active)
+        live = [b for b, on in enumerate(active) if on]
+        available = [_leading(rows[b]) if rows is not None else 0 for b in live]
+        plan = self.controller.plan(available)
+        tree = masses = None
+        if plan.draft:
+            plan, tree, masses = self._pool_choice(plan, live, available)
+        state = self.state
+        if plan.tree > 1 or plan.lookup > 0:
+            if tree is None:
+                tree = build_tree(self.heads, state.feature, state.root, DynamicTree(1))
+            branch = drafts[:, : plan.lookup] if plan.lookup > 0 and drafts is not None else None
+            res = verify_step(self.model, self.heads, state, tree, self.settings, self.uniforms_fn,
+                              self.ops, branch, active)
+        else:
+            res = plain_step(self.model, self.heads, state, self.settings, self.uniforms_fn,
+                             self.ops)
+        self.plans.append((plan.tree, plan.lookup if drafts is not None else 0))
+        self._observe(plan, res, live, rows, available, masses)
+        return res
+
+    def _observe(self, plan: Plan, res: StepResult, live: list[int], rows, available: list[int],
+                 masses) -> None:
+        tree_acc = [0] * len(live)
+        if plan.tree > 1:
+            deepest = max(res.accepted[b] for b in live) if live else 0
+            path = res.path[:, 1 : deepest + 1].tolist()
+            for i, b in enumerate(live):
+                n = 0
+                for node in path[b][: res.accepted[b]]:
+                    if node >= plan.tree:
+                        break
+                    n += 1
+                tree_acc[i] = n
+        matched = [_matched(rows[b], res.emitted[b], a) if rows is not None else 0
+                   for b, a in zip(live, available)]
+        known = [min(a, len(res.emitted[b])) for b, a in zip(live, available)]
+        self.controller.observe(drafted=plan.draft, tree=plan.tree, masses=masses,
+                                tree_accepted=tree_acc, lookup_matched=matched, lookup_known=known,
+                                probe=plan.probe)

@@ -1,0 +1,270 @@
+"""Choosing each step's tree size and prompt-lookup length while generating (``mtp_ext.controller``).
+
+Each step, :class:`Controller` picks the size ``t`` of the dynamic draft tree (1: no tree) and the
+length ``L`` of the prompt-lookup branch (0: none) that maximize the expected tokens per second
+
+    rate(t, L) = sum over live rows of (1 + E[accepted | t, L]) / step_ms(t, L)
+
+with ``step_ms`` from the machine's measured cost model (:class:`~mtp_ext.step_costs.StepCosts`,
+or any object with ``step_ms(tree, lookup)``) and the acceptance estimated online, within the
+generation, per depth:
+
+- **Tree.** After the heads draft a candidate pool, the ``i``-th best node has a joint draft
+  probability ``p_i`` (the product of the heads' probabilities along its path). If the heads were
+  calibrated, the probability that the accepted path reaches depth ``j`` with the tree of size
+  ``t`` would be the sum of ``p_i`` over its depth-``j`` nodes (the paths are disjoint events).
+  They are not, so that mass is scaled by a factor ``c_j`` per depth: observed reaches over
+  predicted mass, summed over recent steps with exponential forgetting (a prior of one pseudo-step
+  at ``c_j = 1``). The size is chosen after drafting, on the pool's own probabilities (a confident
+  step gets a bigger tree; drafting costs the same for every size).
+- **Lookup.** The lookup branch's ``m``-th token is accepted with a probability ``r_m`` given the
+  ``m - 1`` before it were; counts per position with forgetting, shrunk towards the rate pooled
+  over positions. The counts are updated every step, also when no branch ran: the tokens a step
+  emitted are the model's own targets, so how many lookup tokens would have matched is known.
+- **Both.** A step accepts the longer of the tree's and the branch's accepted paths; the two are
+  combined per depth as independent events.
+- **Whether to draft at all.** Before drafting, the tree's acceptance is predicted from a running
+  mean of recent pools' masses per size and depth. When no tree pays, the step is plain (or
+  lookup only): no drafting, no tree mask, no tree verification. A plain run re-checks the heads
+  every ``probe`` steps (4 at first, doubling up to 64 while drafting keeps not paying), since
+  acceptance changes with the text.
+
+Everything here is host arithmetic on a few dozen floats per row (tens of microseconds a step).
+Tests inject cost models of different machines and streams of acceptance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol, Sequence
+
+__all__ = ["CostModel", "Plan", "Controller", "DEFAULT_SIZES", "LOOKUP_GRID"]
+
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+LOOKUP_GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+class CostModel(Protocol):
+    """Milliseconds per step: ``step_ms(tree, lookup)`` (drafting included when ``tree > 1``)
+    and ``draft_ms``, the drafting alone (:class:`~mtp_ext.step_costs.StepCosts` is one)."""
+
+    draft_ms: float
+
+    def step_ms(self, tree: int, lookup: int) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a step runs: ``draft`` (whether the heads draft a pool), the tree size ``tree`` (1: no
+    tree; after drafting, :meth:`Controller.choose` may change it) and the lookup length
+    ``lookup``; ``rate``: the expected tokens per millisecond; ``probe``: a step that drafts
+    only to re-measure the heads, which then runs a tree of at least 2 nodes."""
+
+    draft: bool
+    tree: int
+    lookup: int
+    rate: float
+    probe: bool = False
+
+
+class Controller:
+    """The per-step choice of tree size and lookup length (see the module docstring).
+
+    Args:
+        costs: the machine's step costs (``step_ms(tree, lookup)`` in milliseconds).
+        sizes: tree sizes to consider (1 = no tree).
+        max_lookup: the longest lookup branch (0: lookup off).
+        max_depth: the deepest a tree may be (the heads' count).
+        forget: weight of the past per step in the acceptance statistics.
+    """
+
+    PROBE_FIRST = 4
+    PROBE_MAX = 64
+
+    def __init__(self, costs: CostModel, sizes: Sequence[int] = DEFAULT_SIZES, max_lookup: int = 16,
+                 max_depth: int = 4, forget: float = 0.95, mass_memory: float = 0.7):
+        self.costs = costs
+        self.sizes = sorted({int(s) for s in sizes if s >= 1} | {1})
+        self.lookups = [L for L in LOOKUP_GRID if L <= max_lookup] or [0]
+        if max_lookup > 0 and max_lookup not in self.lookups:
+            self.lookups.append(int(max_lookup))
+        self.max_lookup = max(0, int(max_lookup))
+        self.max_depth = max(1, int(max_depth))
+        self.forget = forget
+        self.mass_memory = mass_memory
+        D = self.max_depth
+        self.reached = [0.0] * (D + 1)  # per depth j >= 1: observed reaches (forgetful sums)
+        self.predicted = [0.0] * (D + 1)  # per depth: predicted mass
+        L = max(1, self.max_lookup)
+        self.look_hit = [0.0] * (L + 1)  # per lookup position m >= 1
+        self.look_try = [0.0] * (L + 1)
+        self.mean_mass: dict[int, list[float]] | None = None  # size -> per-depth mass, running
+        self.plain_steps = 0  # consecutive steps without drafting
+        self.probe = self.PROBE_FIRST
+        self._step_ms: dict[tuple[int, int], float] = {}
+
+    # ---------------------------------------------------------------- estimates
+
+    def calibration(self) -> list[float]:
+        """``c_j`` per depth (index 0 unused)."""
+        return [1.0] + [(self.reached[j] + 1.0) / (self.predicted[j] + 1.0)
+                        for j in range(1, self.max_depth + 1)]
+
+    def lookup_rates(self) -> list[float]:
+        """``q_m``: the probability that the first ``m`` lookup tokens are all accepted, given a
+        match (index 0: 1)."""
+        L = max(1, self.max_lookup)
+        pooled = (sum(self.look_hit) + 1.0) / (sum(self.look_try) + 2.0)
+        q, out = 1.0, [1.0]
+        for m in range(1, L + 1):
+            r = (self.look_hit[m] + 2.0 * pooled) / (self.look_try[m] + 2.0)
+            q *= min(max(r, 0.0), 1.0)
+            out.append(q)
+        return out
+
+    def _cost(self, tree: int, lookup: int) -> float:
+        key = (tree, lookup)
+        ms = self._step_ms.get(key)
+        if ms is None:
+            ms = self._step_ms[key] = max(float(self.costs.step_ms(tree, lookup)), 1e-6)
+        return ms
+
+    def masses(self, probs: Sequence[float], depths: Sequence[int]) -> dict[int, list[float]]:
+        """Per tree size, the pool's mass per depth: ``probs`` / ``depths`` are a row's pool nodes
+        in selection order, the root left out (so size ``t`` holds the first ``t - 1``)."""
+        D = self.max_depth
+        acc = [0.0] * (D + 1)
+        out: dict[int, list[float]] = {}
+        i = 0
+        for t in self.sizes:
+            while i < min(t - 1, len(probs)):
+                d = int(depths[i])
+                if 1 <= d <= D:
+                    acc[d] += float(probs[i])
+                i += 1
+            out[t] = list(acc)
+        return out
+
+    def _reach(self, mass: list[float], calib: list[float]) -> list[float]:
+        """``P(tree path reaches depth j)``, non-increasing in ``j``."""
+        out, prev = [1.0], 1.0
+        for j in range(1, self.max_depth + 1):
+            prev = min(prev, calib[j] * mass[j], 1.0)
+            out.append(prev)
+        return out
+
+    def expected(self, reach: list[float], lookup: int, available: int, q: list[float]) -> float:
+        """Expected accepted tokens of one row: tree reach probabilities ``reach`` per depth and a
+        lookup branch of ``min(lookup, available)`` tokens (``q`` from :meth:`lookup_rates`)."""
+        n = min(lookup, available)
+        deepest = max(len(reach) - 1, n)
+        total = 0.0
+        for j in range(1, deepest + 1):
+            p = reach[j] if j < len(reach) else 0.0
+            r = q[j] if j <= n else 0.0
+            total += 1.0 - (1.0 - p) * (1.0 - r)
+        return total
+
+    def _best(self, row_masses: list[dict[int, list[float]]] | None, available: Sequence[int],
+              sizes: Sequence[int], draft_paid: bool) -> Plan:
+        calib = self.calibration()
+        q = self.lookup_rates()
+        best = Plan(False, 1, 0, -1.0)
+        any_match = any(a > 0 for a in available)
+        for t in sizes:
+            if t > 1 and row_masses is None:
+                continue
+            reach = ([self._reach(m[t], calib) for m in row_masses] if t > 1
+                     else [[1.0]] * len(available))
+            for L in (self.lookups if any_match else [0]):
+                tokens = sum(1.0 + self.expected(r, L, a, q) for r, a in zip(reach, available))
+                ms = self._cost(t, L)
+                if draft_paid and t == 1:  # after drafting the pool is paid whatever is chosen
+                    ms += float(self.costs.draft_ms)
+                rate = tokens / ms
+                if rate > best.rate:
+                    best = Plan(t > 1, t, L, rate)
+        return best
+
+    # ---------------------------------------------------------------- decisions
+
+    def plan(self, available: Sequence[int]) -> Plan:
+        """Before a step: whether to draft, and (when not) the lookup length. ``available``: per
+        live row, how many lookup tokens a match offers (0: no match)."""
+        if self.mean_mass is None:  # nothing known yet: look at the heads
+            return Plan(True, max(self.sizes), 0, 0.0, probe=True)
+        rows = [self.mean_mass] * len(available)
+        best = self._best(rows, available, self.sizes, draft_paid=False)
+        if best.draft:
+            self.probe = self.PROBE_FIRST
+            return best
+        if self.plain_steps + 1 >= self.probe:
+            return Plan(True, best.tree, best.lookup, best.rate, probe=True)  # re-check the heads
+        return best
+
+    def choose(self, probs: Sequence[Sequence[float]], depths: Sequence[Sequence[int]],
+               available: Sequence[int], probe: bool = False) -> tuple[Plan, list[dict]]:
+        """After drafting: the tree size and lookup length for this step's pools (per live row,
+        the pool nodes' probabilities and depths in selection order, root left out; ``probe``:
+        a tree of at least 2 nodes). Returns the plan and each row's masses (:meth:`masses`),
+        which :meth:`observe` takes after the step."""
+        row_masses = [self.masses(p, d) for p, d in zip(probs, depths)]
+        self._remember(row_masses)
+        cap = 1 + min((len(p) for p in probs), default=0)
+        sizes = [t for t in self.sizes if t <= cap and (t > 1 or not probe or cap < 2)] or [1]
+        return self._best(row_masses, available, sizes, draft_paid=True), row_masses
+
+    def _remember(self, row_masses: list[dict[int, list[float]]]) -> None:
+        if not row_masses:
+            return
+        n = len(row_masses)
+        mean = {t: [sum(m[t][j] for m in row_masses) / n for j in range(self.max_depth + 1)]
+                for t in self.sizes}
+        if self.mean_mass is None:
+            self.mean_mass = mean
+        else:
+            a = self.mass_memory
+            self.mean_mass = {t: [a * o + (1 - a) * v for o, v in zip(self.mean_mass[t], mean[t])]
+                              for t in self.sizes}
+
+    # ---------------------------------------------------------------- observations
+
+    def observe(self, *, drafted: bool, tree: int, masses: Sequence[list[float]] | None,
+                tree_accepted: Sequence[int], lookup_matched: Sequence[int],
+                lookup_known: Sequence[int], probe: bool = False) -> None:
+        """After a step, per live row: ``masses`` (the run tree's mass per depth, from
+        :meth:`masses` at size ``tree``; None when nothing was drafted), ``tree_accepted`` (how
+        deep the accepted path went along tree nodes), ``lookup_matched`` (how many of the
+        lookup draft's tokens equal the emitted tokens, from the first) and ``lookup_known``
+        (how many lookup positions the emitted tokens decide: ``min(available, emitted)``)."""
+        f = self.forget
+        if drafted and masses is not None:
+            self.reached = [f * v for v in self.reached]
+            self.predicted = [f * v for v in self.predicted]
+            for mass, acc in zip(masses, tree_accepted):
+                for j in range(1, self.max_depth + 1):
+                    m = min(mass[j], 1.0)
+                    if m <= 0.0:
+                        break
+                    self.predicted[j] += m
+                    self.reached[j] += 1.0 if acc >= j else 0.0
+        if any(k > 0 for k in lookup_known):
+            self.look_hit = [f * v for v in self.look_hit]
+            self.look_try = [f * v for v in self.look_try]
+            L = len(self.look_hit) - 1
+            for matched, known in zip(lookup_matched, lookup_known):
+                for m in range(1, min(matched + 1, known, L) + 1):
+                    self.look_try[m] += 1.0
+                    self.look_hit[m] += 1.0 if m <= matched else 0.0
+        if drafted:
+            self.plain_steps = 0
+            if probe:  # back to PROBE_FIRST as soon as a plan drafts on its own
+                self.probe = min(2 * self.probe, self.PROBE_MAX)
+        else:
+            self.plain_steps += 1
+
+    @staticmethod
+    def probabilities(scores: Sequence[float]) -> list[float]:
+        """Joint log-probabilities to probabilities."""
+        return [math.exp(min(s, 0.0)) for s in scores]
