@@ -10,10 +10,13 @@ Each step:
    length for this pool;
 4. a tree or lookup step runs (:func:`~mtp_ext.tree_step.verify_step`), or, when neither pays, a
    plain step (:func:`~mtp_ext.tree_step.plain_step`);
-5. the controller observes how deep the tree's and the branch's drafts were accepted.
+5. the controller observes how deep the tree's and the branch's drafts were accepted, and (on CPU)
+   how long the step took.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -82,6 +85,9 @@ class ControlledSteps:
             controller = Controller(costs, sizes, self.max_lookup, heads.config.num_heads)
         self.controller = controller
         self.pin = device.type == "cuda"
+        # Steps are timed on CPU only: on a GPU, work queued after a step's host read would run
+        # into the next step's time.
+        self.timed = device.type == "cpu"
         self.plans: list[tuple[int, int]] = []  # (tree nodes, lookup tokens) per step
 
     def _drafts(self, taken: list[list[int]], active: list[bool]):
@@ -111,6 +117,7 @@ class ControlledSteps:
 
     def step(self, taken: list[list[int]], active: list[bool]) -> StepResult:
         """Runs one step; ``taken``: the tokens each row took last step (for the contexts)."""
+        start = time.perf_counter()
         drafts, rows = self._drafts(taken, active)
         live = [b for b, on in enumerate(active) if on]
         available = [_leading(rows[b]) if rows is not None else 0 for b in live]
@@ -128,7 +135,11 @@ class ControlledSteps:
         else:
             res = plain_step(self.model, self.heads, state, self.settings, self.uniforms_fn,
                              self.ops)
-        self.plans.append((plan.tree, plan.lookup if drafts is not None else 0))
+        lookup = plan.lookup if drafts is not None else 0
+        self.plans.append((plan.tree, lookup))
+        if self.timed:
+            self.controller.observe_time(plan.tree, lookup, plan.draft,
+                                         1e3 * (time.perf_counter() - start))
         self._observe(plan, res, live, rows, available, masses)
         return res
 

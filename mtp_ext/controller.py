@@ -23,11 +23,16 @@ generation, per depth:
   emitted are the model's own targets, so how many lookup tokens would have matched is known.
 - **Both.** A step accepts the longer of the tree's and the branch's accepted paths; the two are
   combined per depth as independent events.
+- **Costs corrected while generating.** Each step's measured time, over what the cost model
+  predicted, feeds a running ratio per kind of step (plain, lookup only, drafted) that scales the
+  model: costs measured while the machine was busier, or at a shorter context, converge to this
+  call's.
 - **Whether to draft at all.** Before drafting, the tree's acceptance is predicted from a running
   mean of recent pools' masses per size and depth. When no tree pays, the step is plain (or
   lookup only): no drafting, no tree mask, no tree verification. A plain run re-checks the heads
   every ``probe`` steps (4 at first, doubling up to 64 while drafting keeps not paying), since
-  acceptance changes with the text.
+  acceptance changes with the text, but never so often that the re-checks cost more than
+  ``PROBE_BUDGET`` (1.5%) of the run by the cost model (:meth:`Controller.probe_floor`).
 
 Everything here is host arithmetic on a few dozen floats per row (tens of microseconds a step).
 Tests inject cost models of different machines and streams of acceptance.
@@ -81,6 +86,9 @@ class Controller:
 
     PROBE_FIRST = 4
     PROBE_MAX = 64
+    # Re-checks of the heads during a plain run may cost at most this share of its time: a
+    # re-check costs a drafted step of 2 nodes instead of a plain one.
+    PROBE_BUDGET = 0.015
 
     def __init__(self, costs: CostModel, sizes: Sequence[int] = DEFAULT_SIZES, max_lookup: int = 16,
                  max_depth: int = 4, forget: float = 0.95, mass_memory: float = 0.7):
@@ -103,6 +111,9 @@ class Controller:
         self.plain_steps = 0  # consecutive steps without drafting
         self.probe = self.PROBE_FIRST
         self._step_ms: dict[tuple[int, int], float] = {}
+        # Measured over predicted step time, per kind of step (see observe_time).
+        self.time_scale = {"plain": 1.0, "lookup": 1.0, "drafted": 1.0}
+        self._timed = {"plain": 0, "lookup": 0, "drafted": 0}
 
     # ---------------------------------------------------------------- estimates
 
@@ -123,12 +134,42 @@ class Controller:
             out.append(q)
         return out
 
-    def _cost(self, tree: int, lookup: int) -> float:
+    def _base_cost(self, tree: int, lookup: int) -> float:
         key = (tree, lookup)
         ms = self._step_ms.get(key)
         if ms is None:
             ms = self._step_ms[key] = max(float(self.costs.step_ms(tree, lookup)), 1e-6)
         return ms
+
+    @staticmethod
+    def _kind(tree: int, lookup: int, drafted: bool) -> str:
+        if drafted or tree > 1:
+            return "drafted"
+        return "lookup" if lookup > 0 else "plain"
+
+    def _cost(self, tree: int, lookup: int) -> float:
+        return self._base_cost(tree, lookup) * self.time_scale[self._kind(tree, lookup, False)]
+
+    TIME_MEMORY = 0.8  # weight of the past in the measured / predicted time ratio
+    TIME_CLAMP = (0.5, 2.0)  # bounds of one step's ratio (a pause of the process is not a cost)
+
+    def observe_time(self, tree: int, lookup: int, drafted: bool, ms: float) -> None:
+        """Corrects the cost model by a step's measured time ``ms``: per kind of step (plain,
+        lookup only, drafted), a running ratio of measured over predicted time multiplies the
+        machine's measured costs, so costs measured on a busier or quieter machine, or at another
+        context length, converge to this call's. The first step of each kind (first calls of
+        kernels at new shapes) is not counted."""
+        kind = self._kind(tree, lookup, drafted)
+        self._timed[kind] += 1
+        if self._timed[kind] == 1 or not ms > 0:
+            return
+        predicted = self._base_cost(tree, lookup)
+        if drafted and tree <= 1:  # drafted, then nothing of the pool used
+            predicted += float(self.costs.draft_ms)
+        lo, hi = self.TIME_CLAMP
+        ratio = min(max(ms / predicted, lo), hi)
+        a = self.TIME_MEMORY
+        self.time_scale[kind] = a * self.time_scale[kind] + (1 - a) * ratio
 
     def masses(self, probs: Sequence[float], depths: Sequence[int]) -> dict[int, list[float]]:
         """Per tree size, the pool's mass per depth: ``probs`` / ``depths`` are a row's pool nodes
@@ -181,7 +222,7 @@ class Controller:
                 tokens = sum(1.0 + self.expected(r, L, a, q) for r, a in zip(reach, available))
                 ms = self._cost(t, L)
                 if draft_paid and t == 1:  # after drafting the pool is paid whatever is chosen
-                    ms += float(self.costs.draft_ms)
+                    ms += float(self.costs.draft_ms) * self.time_scale["drafted"]
                 rate = tokens / ms
                 if rate > best.rate:
                     best = Plan(t > 1, t, L, rate)
@@ -199,9 +240,16 @@ class Controller:
         if best.draft:
             self.probe = self.PROBE_FIRST
             return best
-        if self.plain_steps + 1 >= self.probe:
+        if self.plain_steps + 1 >= max(self.probe, self.probe_floor()):
             return Plan(True, best.tree, best.lookup, best.rate, probe=True)  # re-check the heads
         return best
+
+    def probe_floor(self) -> int:
+        """The fewest plain steps between two re-checks for which the re-checks cost at most
+        ``PROBE_BUDGET`` of a plain run's time (by the cost model)."""
+        plain = self._cost(1, 0)
+        extra = max(self._cost(2, 0) - plain, 0.0)
+        return max(1, math.ceil(extra / (self.PROBE_BUDGET * plain)))
 
     def choose(self, probs: Sequence[Sequence[float]], depths: Sequence[Sequence[int]],
                available: Sequence[int], probe: bool = False) -> tuple[Plan, list[dict]]:

@@ -20,8 +20,8 @@ How it chooses: :func:`mtp_ext.linear_choice.choice_for_model` times both kernel
 row count only where it measured at least 3 % faster (the next measured row count up decides
 between grid points); torch for every other count, above 64 rows (or ``max_rows``), on GPU, and
 whenever gradients are needed. When ``fast_cpu`` swaps the layers each one gets a tuple
-``use_ours_by_rows[0..max_rows]``, so a forward call costs one index.
-``MTP_EXT_LINEAR_KERNEL=torch`` forces torch everywhere, ``MTP_EXT_LINEAR_KERNEL=ours`` the routing
+``use_ours_by_rows[0..max_rows]``, so a forward call costs one index; a layer whose table says torch
+at every row count is not swapped at all, so it costs what it did. ``MTP_EXT_LINEAR_KERNEL=torch`` forces torch everywhere, ``MTP_EXT_LINEAR_KERNEL=ours`` the routing
 of before the choice (ours for 2..``max_rows`` rows, torch for one row); a
 :class:`~mtp_ext.linear_choice.LinearChoice` can also be passed in. A :class:`SmallBatchLinear`
 made directly with :meth:`SmallBatchLinear.from_linear` and no table keeps that routing of before
@@ -115,6 +115,8 @@ class FastCPU:
             if choice is not None and child.weight.device.type == "cpu":
                 table = choice.rows_table(child.out_features, child.in_features,
                                           child.weight.dtype, max_rows)
+                if not any(table):  # torch at every row count: the layer stays as it is (no
+                    continue        # Python wrapper around each call)
             setattr(parent, name, SmallBatchLinear.from_linear(child, max_rows, table))
             self._swapped.append((parent, name, child))
 

@@ -4,6 +4,7 @@ kinds of machine against injected streams of acceptance; no timing, no model."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import pytest
@@ -230,3 +231,39 @@ def test_pool_smaller_than_sizes_caps_the_tree():
     ctl = Controller(EPYC, max_depth=1)
     plan, _ = ctl.choose([[0.99, 0.99]], [[1, 1]], [0])
     assert plan.tree <= 3
+
+
+def test_measured_step_times_correct_the_cost_model():
+    """Costs measured on a busier machine (plain steps predicted 2x too slow) stop keeping trees
+    from paying once the call's own step times come in."""
+    ctl = Controller(XEON, max_depth=4)
+    probs, depths = pool(0.5)
+    before, _ = ctl.choose([probs], [depths], [0])
+    for _ in range(30):
+        ctl.observe_time(1, 0, False, 0.5 * XEON.plain_ms)  # plain steps take half the prediction
+    assert ctl.time_scale["plain"] == pytest.approx(0.5, abs=0.02)
+    assert ctl.time_scale["drafted"] == 1.0 and ctl.time_scale["lookup"] == 1.0
+    after, _ = ctl.choose([probs], [depths], [0])
+    assert before.tree > 1 and after.tree == 1  # plain is cheap now: the tree no longer pays
+
+
+def test_step_time_ratio_is_clamped_and_skips_the_first_step():
+    ctl = Controller(EPYC, max_depth=4)
+    ctl.observe_time(4, 0, True, 1e6)  # first drafted step: not counted
+    assert ctl.time_scale["drafted"] == 1.0
+    ctl.observe_time(4, 0, True, 1e6)  # a pause of the process: at most 2x per step
+    assert ctl.time_scale["drafted"] == pytest.approx(0.8 + 0.2 * 2.0)
+    # drafted, then nothing used: predicted = plain + drafting
+    ctl2 = Controller(EPYC, max_depth=4)
+    for _ in range(20):
+        ctl2.observe_time(1, 0, True, EPYC.plain_ms + EPYC.draft_ms)
+    assert ctl2.time_scale["drafted"] == pytest.approx(1.0)
+
+
+def test_rechecks_are_spaced_to_cost_at_most_the_budget():
+    # a re-check (draft + 2 nodes) costs 7.1 ms more than a 30 ms plain step on XEON
+    ctl = Controller(XEON, max_depth=4)
+    floor = ctl.probe_floor()
+    assert floor == math.ceil(7.1 / (Controller.PROBE_BUDGET * 30.0))
+    plans, _ = run(HOPELESS, top=0.9, truth=1.0, steps=300)
+    assert sum(p.draft for p in plans) == 1  # the first step only: a re-check would cost 11x

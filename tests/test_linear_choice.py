@@ -413,3 +413,21 @@ def test_info_shows_the_cached_table_and_measures_only_when_asked(fake_measure):
     assert line.split()[2:4] == ["1.20", "0.50"] and line.endswith("2-3  (0.0 s)")
     assert info.linear_choice_text() == text  # now cached: shown without measuring
     assert len(fake_measure) == 10
+
+
+def test_layers_torch_takes_at_every_row_count_are_not_wrapped():
+    """No Python wrapper where it would only call F.linear: the plain steps then cost what
+    model.generate's do."""
+    from torch import nn
+
+    from mtp_ext.cpu_linear import SmallBatchLinear, fast_cpu
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 16))
+    with fast_cpu(model, choice=lc.LinearChoice.fixed("torch")) as handle:
+        assert handle.num_swapped == 0 and type(model[0]) is nn.Linear
+    costs = {("torch", n, 8, "float32", r): 1.0 for n in (8, 16) for r in lc.ROWS}
+    costs.update({("ours", 8, 8, "float32", r): 2.0 for r in lc.ROWS})  # torch wins: not wrapped
+    costs.update({("ours", 16, 8, "float32", r): 0.5 for r in lc.ROWS})
+    with fast_cpu(model, choice=lc.LinearChoice.from_costs(costs)) as handle:
+        assert handle.num_swapped == 1
+        assert type(model[0]) is nn.Linear and isinstance(model[1], SmallBatchLinear)
