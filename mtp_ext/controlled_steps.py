@@ -20,24 +20,13 @@ import time
 
 import torch
 
-from .controller import DEFAULT_SIZES, Controller, Plan
+from .controller import Controller, Plan, default_grid
 from .heads import MTPHeads
 from .step_costs import step_costs
 from .tree_step import DecodeState, HostContexts, StepResult, plain_step, verify_step
-from .trees import DynamicTree, build_tree, draft_pool
+from .trees import draft_pool, root_tree
 
-__all__ = ["ControlledSteps", "default_grid", "GPU_SIZES"]
-
-DEFAULT_WIDTH = 4
-# On a GPU a forward pass over 64 nodes costs about one over a single token for small models, so
-# larger trees are tried, with a width whose pool holds them (1 + 8 + 64 + ... nodes).
-GPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-GPU_WIDTH = 8
-
-
-def default_grid(device: torch.device) -> tuple[tuple[int, ...], int]:
-    """``(tree sizes, pool width)`` the controller chooses among on ``device``."""
-    return (GPU_SIZES, GPU_WIDTH) if torch.device(device).type == "cuda" else (DEFAULT_SIZES, DEFAULT_WIDTH)
+__all__ = ["ControlledSteps"]
 
 
 def _leading(row: list[int]) -> int:
@@ -73,7 +62,8 @@ class ControlledSteps:
     """
 
     def __init__(self, model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn, ops,
-                 contexts: HostContexts | None, max_lookup: int, controller: Controller | None = None):
+                 contexts: HostContexts | None, max_lookup: int,
+                 controller: Controller | None = None):
         self.model, self.heads, self.state = model, heads, state
         self.settings, self.uniforms_fn, self.ops = settings, uniforms_fn, ops
         self.contexts = contexts if max_lookup > 0 else None
@@ -108,8 +98,8 @@ class ControlledSteps:
         scores, depths = pool.ranked_nodes(n)
         both = torch.stack([scores[:, 1:], depths[:, 1:].to(scores.dtype)]).tolist()  # one read
         probs = [Controller.probabilities(both[0][b]) for b in live]
-        plan_, row_masses = self.controller.choose(probs, [[int(d) for d in both[1][b]] for b in live],
-                                                   available, probe=plan.probe)
+        depths_ = [[int(d) for d in both[1][b]] for b in live]
+        plan_, row_masses = self.controller.choose(probs, depths_, available, probe=plan.probe)
         plan = Plan(True, plan_.tree, plan_.lookup, plan_.rate, plan.probe)
         tree = pool.select(plan.tree) if plan.tree > 1 else None
         masses = [m[plan.tree] for m in row_masses] if plan.tree > 1 else None
@@ -128,7 +118,7 @@ class ControlledSteps:
         state = self.state
         if plan.tree > 1 or plan.lookup > 0:
             if tree is None:
-                tree = build_tree(self.heads, state.feature, state.root, DynamicTree(1))
+                tree = root_tree(state.root)
             branch = drafts[:, : plan.lookup] if plan.lookup > 0 and drafts is not None else None
             res = verify_step(self.model, self.heads, state, tree, self.settings, self.uniforms_fn,
                               self.ops, branch, active)

@@ -44,10 +44,22 @@ import dataclasses
 import math
 from typing import Protocol, Sequence
 
-__all__ = ["CostModel", "Plan", "Controller", "DEFAULT_SIZES", "LOOKUP_GRID"]
+__all__ = ["CostModel", "Plan", "Controller", "DEFAULT_SIZES", "DEFAULT_WIDTH", "GPU_SIZES",
+           "GPU_WIDTH", "LOOKUP_GRID", "default_grid"]
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+DEFAULT_WIDTH = 4
+# On a GPU a forward pass over 64 nodes costs about one over a single token for small models, so
+# larger trees are tried, with a width whose pool holds them (1 + 8 + 64 + ... nodes).
+GPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+GPU_WIDTH = 8
 LOOKUP_GRID = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def default_grid(device) -> tuple[tuple[int, ...], int]:
+    """``(tree sizes, pool width)`` to choose among on ``device`` (a ``torch.device`` or str)."""
+    on_gpu = getattr(device, "type", str(device).split(":")[0]) == "cuda"
+    return (GPU_SIZES, GPU_WIDTH) if on_gpu else (DEFAULT_SIZES, DEFAULT_WIDTH)
 
 
 class CostModel(Protocol):
@@ -216,8 +228,14 @@ class Controller:
         for t in sizes:
             if t > 1 and row_masses is None:
                 continue
-            reach = ([self._reach(m[t], calib) for m in row_masses] if t > 1
-                     else [[1.0]] * len(available))
+            if t > 1:  # rows sharing one mass table (a plan before drafting) share its reach
+                by_table: dict[int, list[float]] = {}
+                for m in row_masses:
+                    if id(m) not in by_table:
+                        by_table[id(m)] = self._reach(m[t], calib)
+                reach = [by_table[id(m)] for m in row_masses]
+            else:
+                reach = [[1.0]] * len(available)
             for L in (self.lookups if any_match else [0]):
                 tokens = sum(1.0 + self.expected(r, L, a, q) for r, a in zip(reach, available))
                 ms = self._cost(t, L)

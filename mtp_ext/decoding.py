@@ -246,7 +246,6 @@ class _FixedSteps:
                  uniforms, ops, branch: _LookupBranch):
         self.args = (model, heads, state, spec, settings, uniforms, ops)
         self.branch = branch
-        self.size = spec.size
         self.plans: list[tuple[int, int]] = []
 
     def step(self, taken: list[list[int]], active: list[bool]) -> StepResult:

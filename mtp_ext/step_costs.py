@@ -44,7 +44,7 @@ from .heads import MTPHeads
 from .machine import cpu_key
 from .settings import GenerationSettings
 from .tree_step import plain_step, prefill, step_linears, verify_step
-from .trees import DynamicTree, build_tree, draft_pool
+from .trees import draft_pool, root_tree
 
 __all__ = ["NODE_GRID", "StepCosts", "measure_step_costs", "step_costs", "costs_key"]
 
@@ -135,8 +135,8 @@ def measure_step_costs(model, heads: MTPHeads, batch: int = 1, width: int = 4,
         def forward(n):
             # Random branch tokens: almost never accepted, so the cache grows by one per step.
             branch = torch.randint(0, vocab, (batch, n - 1), generator=g) if n > 1 else None
-            tree = build_tree(heads, state.feature, state.root, DynamicTree(1))
-            verify_step(model, heads, state, tree, settings, None, kernel_ops, branch)
+            verify_step(model, heads, state, root_tree(state.root), settings, None, kernel_ops,
+                        branch)
 
         def draft():
             draft_pool(heads, heads.draft_input(state.feature), state.root, width, depth)
@@ -174,8 +174,9 @@ def _path(key: str) -> Path:
     return cache_dir() / "step_costs" / f"{key}.json"
 
 
-# Costs that could not be saved in the cache, by path: kept for the process.
-_IN_MEMORY: dict[str, StepCosts] = {}
+# Costs read or measured in this process, by path (those the cache could not keep included), so
+# that a generate call reads the cache file once per process, as mtp_ext.linear_choice does.
+_KNOWN: dict[str, StepCosts] = {}
 
 
 def _read(path: Path) -> StepCosts | None:
@@ -197,7 +198,6 @@ def _save(path: Path, costs: StepCosts) -> None:
     try:
         write_file(path, lambda tmp: tmp.write_text(text))
     except OSError as err:
-        _IN_MEMORY[str(path)] = costs
         warn_once(f"step_costs:{path}", f"mtp_ext: the step costs could not be saved in "
                   f"{path.parent} ({err}); they are kept for this process only")
 
@@ -206,16 +206,17 @@ def step_costs(model, heads: MTPHeads, batch: int = 1, width: int = 4, max_depth
                nodes=NODE_GRID, refresh: bool = False, quiet: bool = False) -> StepCosts:
     """The step costs of this machine, model, dtype, heads, thread count and batch size: read
     from the cache, or measured (:func:`measure_step_costs`, a few seconds, said once on stderr
-    unless ``quiet``) and cached."""
+    unless ``quiet``) and cached; read once per process."""
     path = _path(costs_key(model, heads, batch, width, max_depth))
     if not refresh:
-        costs = _read(path) or _IN_MEMORY.get(str(path))
+        costs = _KNOWN.get(str(path)) or _read(path)
         if costs is not None:
+            _KNOWN[str(path)] = costs
             return costs
     if not quiet:
         print(f"mtp_ext: measuring decoding step costs for this machine, model, dtype, heads, "
               f"thread count and batch {batch} (once; cached in {path.parent})", file=sys.stderr,
               flush=True)
-    costs = measure_step_costs(model, heads, batch, width, max_depth, nodes)
+    costs = _KNOWN[str(path)] = measure_step_costs(model, heads, batch, width, max_depth, nodes)
     _save(path, costs)
     return costs

@@ -20,11 +20,11 @@ from .cpu_linear import fast_cpu
 from .hf_compat import cache_kwarg, cache_layers, last_logits_kwarg
 from .heads import MTPHeads
 from .heads.base import PointFeatures
-from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft
+from .trees import DraftTree, TreeSpec, add_branch, build_tree, lookup_draft, root_tree
 
 __all__ = ["DecodeState", "SlotTable", "HostContexts", "StepResult", "start_state", "prefill",
-           "step_linears", "run_step", "verify_step", "plain_step", "read_step", "tree_mask", "compact_cache", "backbone",
-           "logits_from_hidden", "attention_window"]
+           "step_linears", "run_step", "verify_step", "plain_step", "read_step", "tree_mask",
+           "compact_cache", "backbone", "logits_from_hidden", "attention_window"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: tor
     """
     from transformers import DynamicCache
 
-    B, device = input_ids.shape[0], input_ids.device
+    B = input_ids.shape[0]
     cache = DynamicCache()
     pos = attention_mask.long().cumsum(-1) - 1
     pos = pos.masked_fill(attention_mask == 0, 0)
@@ -216,16 +216,23 @@ def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: tor
         input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
         output_hidden_states=True, **cache_kwarg(model, cache), **last_logits_kwarg(model),
     )
+    first = _next_token(out.logits[:, -1], settings, uniforms_fn, ops)
+    dense = B == 1 and bool(attention_mask.bool().all())
+    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first, dense), first
+
+
+def _next_token(logits: torch.Tensor, settings, uniforms_fn, ops) -> torch.Tensor:
+    """``[B]`` int64, the token after ``logits [B, V]``: a one-node "tree" verified on them
+    (greedy, or sampled with ``uniforms_fn``'s uniforms)."""
+    B, device = logits.shape[0], logits.device
     root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
     parents = torch.full((1,), -1, dtype=torch.long, device=device)
     if settings.do_sample:
         sampling = (settings.temperature, settings.top_k, settings.top_p, uniforms_fn((B, 1)))
     else:  # greedy: the sampling settings are ignored, as model.generate ignores them
         sampling = (0.0, 0, 1.0, None)
-    _, first, _ = ops.verify_tree(root_draft, parents, out.logits[:, -1][:, None], *sampling)
-    first = first[:, 0]
-    dense = B == 1 and bool(attention_mask.bool().all())
-    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first, dense), first
+    _, tokens, _ = ops.verify_tree(root_draft, parents, logits[:, None], *sampling)
+    return tokens[:, 0]
 
 
 def step_linears(model, device: torch.device):
@@ -377,11 +384,10 @@ def plain_step(model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn
     B = state.root.shape[0]
     dev = state.root.device
     pos = state.next_pos[:, None]
-    if state.dense:
-        mask = None
-    else:
-        mask, _ = tree_mask(state, torch.full((B, 1), -1, dtype=torch.long, device=dev),
-                            heads.lm_head_weight.dtype, ops)
+    tree = root_tree(state.root)
+    mask = None
+    if not state.dense:
+        mask, _ = tree_mask(state, tree.parents, heads.lm_head_weight.dtype, ops)
     base = backbone(model)
     out = base(
         state.root[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
@@ -391,16 +397,10 @@ def plain_step(model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn
     zeros = torch.zeros(B, dtype=torch.long, device=dev)
     path = zeros[:, None]
     if settings.do_sample:
-        root_draft = torch.full((B, 1), -1, dtype=torch.long, device=dev)
-        parents = torch.full((1,), -1, dtype=torch.long, device=dev)
-        logits = logits_from_hidden(model, hidden)[:, None]  # [B, 1, V]
-        _, tokens, _ = ops.verify_tree(root_draft, parents, logits, settings.temperature,
-                                       settings.top_k, settings.top_p, uniforms_fn((B, 1)))
-        token = tokens[:, 0]
+        token = _next_token(logits_from_hidden(model, hidden), settings, uniforms_fn, ops)
     else:  # soft-capping does not move the argmax
         token = model.get_output_embeddings()(hidden).argmax(-1)
     emitted = [[t] for t in token.tolist()]
-    tree = DraftTree(state.root[:, None], path - 1, path, torch.zeros(B, 1, device=dev))
     state.feature = state.features.after_step(heads, out, path, zeros, 1, state.slots,
                                               state.next_pos)
     state.slots.append(torch.ones(B, 1, dtype=torch.bool, device=dev), pos)

@@ -29,24 +29,13 @@ import time
 import torch
 
 from . import ops
+from .controller import DEFAULT_SIZES, DEFAULT_WIDTH  # the grid generate's controller uses
 from .heads import MTPHeads
 from .settings import GenerationSettings
 from .tree_step import prefill, run_step, step_linears
 from .trees import DraftTree, DynamicTree
 
 __all__ = ["TreeProfile", "profile_tree_sizes", "selection_ranks"]
-
-DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-DEFAULT_WIDTH = 4
-# On a GPU a forward pass over 64 nodes costs about one over a single token for small models, so
-# larger trees are tried, with a width whose pool holds them (1 + 8 + 64 + ... nodes).
-GPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-GPU_WIDTH = 8
-
-
-def default_grid(device: torch.device) -> tuple[tuple[int, ...], int]:
-    """``(sizes, width)`` that :func:`auto_tree` profiles on ``device``."""
-    return (GPU_SIZES, GPU_WIDTH) if torch.device(device).type == "cuda" else (DEFAULT_SIZES, DEFAULT_WIDTH)
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from .heads import MTPHeads
 
 __all__ = [
     "DraftTree", "StaticTree", "DynamicTree", "chain", "build_tree", "TreeSpec", "lookup_draft",
-    "add_branch", "DraftPool", "draft_pool",
+    "add_branch", "DraftPool", "draft_pool", "root_tree",
 ]
 
 
@@ -282,14 +282,19 @@ def draft_pool(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, width: int,
     return DraftPool(tok, par, depth, score, order)
 
 
+def root_tree(root: torch.Tensor) -> DraftTree:
+    """The tree of the roots alone (``root [B]`` int64): one node per row, nothing drafted."""
+    B = root.shape[0]
+    z = torch.zeros(B, 1, dtype=torch.long, device=root.device)
+    return DraftTree(root.view(B, 1).clone(), z - 1, z, torch.zeros(B, 1, device=root.device))
+
+
 def _build_dynamic(heads: MTPHeads, x: torch.Tensor, root: torch.Tensor, spec: DynamicTree) -> DraftTree:
     if spec.size <= 1:  # the root alone: nothing to draft
         if spec.max_depth is not None and spec.max_depth > heads.config.num_heads:
             raise ValueError(f"max_depth={spec.max_depth} but the heads draft only "
                              f"{heads.config.num_heads} tokens")
-        B = x.shape[0]
-        z = torch.zeros(B, 1, dtype=torch.long, device=x.device)
-        return DraftTree(root.view(B, 1).clone(), z - 1, z, torch.zeros(B, 1, device=x.device))
+        return root_tree(root)
     return draft_pool(heads, x, root, spec.width, spec.max_depth).select(spec.size)
 
 

@@ -358,6 +358,17 @@ def decoding_llama(vocab: int, seed: int = 0):
     return m
 
 
+def left_padded_prompts(vocab: int, B: int, P: int, seed: int, pad_rows=()):
+    """``(ids [B, P], attention_mask [B, P])``: random ids in ``[1, vocab)``; for each
+    ``(row, n)`` of ``pad_rows`` the row's first ``n`` positions are left padding (id 0, mask 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, P), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n in pad_rows:
+        mask[row, :n] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 def cycle_texts(vocab: int, seq: int, n_seqs: int, seed: int) -> torch.Tensor:
     """``[n_seqs, seq]`` token ids following one fixed cycle of 16 distinct ids below ``vocab``,
     each row at a random phase (``seed``): the token at ``t + 2`` is a function of the token at

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import decoding_llama, perturbed_heads, tiny_causal_lm
+from helpers import decoding_llama, left_padded_prompts, perturbed_heads, tiny_causal_lm
 
 from mtp_ext import controlled_steps, ops, step_costs
 from mtp_ext.decoding import generate
@@ -50,12 +50,7 @@ def inject(monkeypatch):
 
 
 def _prompts(B, P, seed, pad=()):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, P), generator=g)
-    mask = torch.ones_like(ids)
-    for row, n in pad:
-        mask[row, :n] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded_prompts(VOCAB, B, P, seed, pad)
 
 
 @pytest.mark.parametrize("costs", [CHEAP, COSTLY], ids=["cheap", "costly"])
@@ -181,7 +176,9 @@ def test_measure_step_costs_on_a_tiny_model(model):
 
 
 def _count_measurements(monkeypatch) -> dict:
-    """Counts step-cost measurements, each cut to 2 node counts and 1 round."""
+    """Counts step-cost measurements, each cut to 2 node counts and 1 round (nothing known from
+    other tests)."""
+    monkeypatch.setattr(step_costs, "_KNOWN", {})
     calls = {"n": 0}
     real = step_costs.measure_step_costs
 
@@ -205,6 +202,8 @@ def test_step_costs_cache(model, tmp_path, monkeypatch, capsys):
     step_costs.step_costs(model, heads, batch=4)  # another batch size: another entry
     assert calls["n"] == 2
     files[0].write_text("{ damaged")
+    assert step_costs.step_costs(model, heads) == first  # read once per process
+    monkeypatch.setattr(step_costs, "_KNOWN", {})  # a new process finds the damaged file
     step_costs.step_costs(model, heads)
     assert calls["n"] == 3  # re-measured, no error
 

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import decoding_llama, perturbed_heads, tiny_causal_lm, word_tokenizer
+from helpers import (decoding_llama, left_padded_prompts, perturbed_heads, tiny_causal_lm,
+                     word_tokenizer)
 
 import mtp_ext
 from mtp_ext import reference
@@ -42,12 +43,7 @@ def model():
 
 
 def _prompts(B, P, seed, pad_rows=()):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (B, P), generator=g)
-    mask = torch.ones_like(ids)
-    for row, n in pad_rows:
-        mask[row, :n] = 0
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded_prompts(VOCAB, B, P, seed, pad_rows)
 
 
 @pytest.mark.parametrize("tree", TREES, ids=lambda t: str(t)[:20])
