@@ -179,15 +179,18 @@ class DecodeState:
 
 
 def start_state(model, heads: MTPHeads, cache, prompt_out, valid: torch.Tensor,
-                positions: torch.Tensor, root: torch.Tensor, dense: bool = False) -> DecodeState:
+                positions: torch.Tensor, root: torch.Tensor, dense: bool = False,
+                input_ids: torch.Tensor | None = None) -> DecodeState:
     """The state after the prompt: ``cache`` holds its keys and values and ``prompt_out`` is the
     model's output over it (every hidden state); ``valid [B, P]`` bool (False at padding),
     ``positions [B, P]`` int64 position ids, ``root [B]`` int64 the first new token; ``dense``:
-    one row without padding (see :class:`DecodeState`)."""
+    one row without padding (see :class:`DecodeState`); ``input_ids [B, P]`` int64 the prompt
+    (heads that read the token after each position need it)."""
     slots = SlotTable(valid, positions)
     features = heads.decode_features()
+    nxt = None if input_ids is None else torch.cat([input_ids[:, 1:], root[:, None]], 1)
     return DecodeState(cache=cache, slots=slots, next_pos=valid.long().sum(1), root=root,
-                       feature=features.at_prompt(heads, prompt_out, slots),
+                       feature=features.at_prompt(heads, prompt_out, slots, nxt),
                        window=attention_window(model), features=features, dense=dense)
 
 
@@ -218,7 +221,9 @@ def prefill(model, heads: MTPHeads, input_ids: torch.Tensor, attention_mask: tor
     )
     first = _next_token(out.logits[:, -1], settings, uniforms_fn, ops)
     dense = B == 1 and bool(attention_mask.bool().all())
-    return start_state(model, heads, cache, out, attention_mask.bool(), pos, first, dense), first
+    state = start_state(model, heads, cache, out, attention_mask.bool(), pos, first, dense,
+                        input_ids)
+    return state, first
 
 
 def _next_token(logits: torch.Tensor, settings, uniforms_fn, ops) -> torch.Tensor:
@@ -364,7 +369,7 @@ def verify_step(model, heads: MTPHeads, state: DecodeState, tree: DraftTree, set
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     kept = torch.arange(keep, device=tokens.device)[None]
     state.feature = state.features.after_step(heads, out, path, num_acc, keep, state.slots,
-                                              state.next_pos)
+                                              state.next_pos, tokens)
     state.slots.append(kept <= num_acc[:, None], state.next_pos[:, None] + kept)
     state.next_pos = state.next_pos + num_acc + 1
     state.root = tokens[rows, num_acc]
@@ -402,7 +407,7 @@ def plain_step(model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn
         token = model.get_output_embeddings()(hidden).argmax(-1)
     emitted = [[t] for t in token.tolist()]
     state.feature = state.features.after_step(heads, out, path, zeros, 1, state.slots,
-                                              state.next_pos)
+                                              state.next_pos, token[:, None])
     state.slots.append(torch.ones(B, 1, dtype=torch.bool, device=dev), pos)
     state.next_pos = state.next_pos + 1
     state.root = token

@@ -18,4 +18,5 @@ found="$(PYTHONPATH="$TARGET" .venv/bin/python -c 'import transformers; print(tr
 [ "$found" = "$VERSION" ] || { echo "test_transformers_oldest.sh: got transformers $found"; exit 1; }
 echo "test_transformers_oldest.sh: decoding tests on transformers $found"
 PYTHONPATH="$TARGET" .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_generate.py \
-  tests/test_generate_loop.py tests/test_heads_transformer.py tests/test_trees.py tests/test_assets.py
+  tests/test_generate_loop.py tests/test_heads_transformer.py tests/test_heads_eagle.py tests/test_trees.py \
+  tests/test_assets.py

@@ -161,8 +161,8 @@ def test_transformer_heads_features_follow_the_accepted_sequence(model, case, mo
     seen = []  # (features [B, H, D], position of the last accepted token [B])
     original = SequenceFeatures.after_step
 
-    def recording(self, heads_, out, path, num_acc, keep, slots, next_pos):
-        feature = original(self, heads_, out, path, num_acc, keep, slots, next_pos)
+    def recording(self, heads_, out, path, num_acc, keep, slots, next_pos, tokens=None):
+        feature = original(self, heads_, out, path, num_acc, keep, slots, next_pos, tokens)
         seen.append((feature.clone(), next_pos + num_acc))
         return feature
 

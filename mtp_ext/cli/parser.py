@@ -7,13 +7,14 @@ import argparse
 import os
 import sys
 
-from . import assets, demo, generate, info, train_heads
+from . import assets, chat_data, demo, export_heads, generate, info, train_heads
 from .checks import USER_ERRORS, one_line
 
 __all__ = ["DESCRIPTION", "build_parser", "main"]
 
-DESCRIPTION = """Command line: ``mtp-ext info``, ``mtp-ext demo``, ``mtp-ext assets prepare`` and
-``mtp-ext train-heads`` (also ``python -m mtp_ext ...``)."""
+DESCRIPTION = """Command line: ``mtp-ext info``, ``mtp-ext demo``, ``mtp-ext assets prepare``,
+``mtp-ext chat-data``, ``mtp-ext train-heads`` and ``mtp-ext export-heads`` (also
+``python -m mtp_ext ...``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
              "without it a bad value or a missing input is one line and exit status 2",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (info, demo, assets, train_heads, generate):
+    for command in (info, demo, assets, chat_data, train_heads, export_heads, generate):
         command.add_parser(sub)
     from ..evaluation.cli import add_parser as add_eval_parser
 

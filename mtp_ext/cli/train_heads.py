@@ -33,7 +33,12 @@ def add_parser(sub) -> None:
                    help="start from these trained heads (a save_pretrained folder)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--kind", default="resblock",
-                   choices=["resblock", "linear", "conditioned", "transformer"])
+                   choices=["resblock", "linear", "conditioned", "transformer", "eagle"])
+    p.add_argument("--fuse-layers", default=None,
+                   help="eagle only: the EAGLE-3 layout, fusing these hidden states "
+                        "(comma-separated indices, or 'default': 2, L // 2 and L - 3 of a "
+                        "backbone with L layers); without it the EAGLE-1 layout")
+    p.add_argument("--fc-bias", action="store_true", help="eagle only: fc has a bias")
     p.add_argument("--num-heads", type=int, default=3)
     p.add_argument("--layer", type=_layer, default=-1, help="hidden-state index or 'whs'")
     p.add_argument("--whs-per-channel", action="store_true")
@@ -72,6 +77,20 @@ def add_parser(sub) -> None:
                         "the --cache-dir caches while the others wait)")
     p.add_argument("--out", required=True, help="output folder (log, checkpoint, heads)")
     p.set_defaults(func=run)
+
+
+def _fuse_layers(value: str | None, model) -> list[int] | None:
+    """``--fuse-layers``: None, ``"default"`` (EAGLE-3's low, middle and high layers: hidden
+    states 2, L // 2 and L - 3) or comma-separated hidden-state indices."""
+    if value is None:
+        return None
+    if value == "default":
+        L = int(model.config.num_hidden_layers)
+        return [2, L // 2, L - 3]
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--fuse-layers must be 'default' or comma-separated ints, got {value!r}") from None
 
 
 def _start_distributed(device: str, timeout_min: float) -> tuple[bool, str]:
@@ -211,6 +230,7 @@ def _run_train_heads(args: argparse.Namespace, config, device: str) -> int:
     heads = MTPHeads.for_model(
         model, num_heads=args.num_heads, kind=args.kind, layer=args.layer,
         whs_per_channel=args.whs_per_channel, draft_vocab_size=args.draft_vocab,
+        fuse_layers=_fuse_layers(args.fuse_layers, model), fc_bias=args.fc_bias,
     )
     if args.init_heads:
         # Start from trained heads (their kind, layer and vocabulary replace the flags above).

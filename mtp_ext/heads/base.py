@@ -63,21 +63,26 @@ class PointFeatures:
     """Decoding state of heads that read one position: what they draft from is their input
     (:meth:`MTPHeads.input_at`) at the last accepted position of each row."""
 
-    def at_prompt(self, heads: "MTPHeads", out, slots):
-        """After the prefill ``out`` over the prompt (``slots`` its cache slots)."""
+    def at_prompt(self, heads: "MTPHeads", out, slots, next_tokens=None):
+        """After the prefill ``out`` over the prompt (``slots`` its cache slots; ``next_tokens
+        [B, P]`` int64 the token after each prompt slot, for kinds that read tokens)."""
         return heads.input_at(out, None)
 
     def after_step(self, heads: "MTPHeads", out, path: torch.Tensor, num_acc: torch.Tensor,
-                   keep: int, slots, next_pos: torch.Tensor):
+                   keep: int, slots, next_pos: torch.Tensor, tokens: torch.Tensor | None = None):
         """After a tree step: ``out`` the backbone over the tree, ``path [B, T]`` /
         ``num_acc [B]`` the verification, ``keep`` the slots each row adds, ``slots`` and
-        ``next_pos`` the cache as it was before the step."""
+        ``next_pos`` the cache as it was before the step; ``tokens [B, >= keep]`` int64 the
+        verifier's tokens (``tokens[:, i]`` follows path node ``i``)."""
         rows = torch.arange(path.shape[0], device=path.device)
         return heads.input_at(out, path[rows, num_acc])
 
 
 class MTPHeads(nn.Module):
     """``H`` multi-token prediction heads sharing the backbone's frozen unembedding.
+
+    ``reads_sequence`` (class attribute): the kind attends over the positions of its input
+    sequence (``"transformer"``, ``"eagle"``), so training runs it on whole sequences.
 
     ``MTPHeads(config, ...)`` returns the subclass for ``config.kind``
     (:func:`~mtp_ext.heads.registry.kind_class`).
@@ -94,6 +99,8 @@ class MTPHeads(nn.Module):
             ``rotary(x, position_ids) -> (cos, sin)``; kept unregistered (shared, frozen, not
             saved).
     """
+
+    reads_sequence = False
 
     def __new__(cls, *args, **kwargs):
         if cls is MTPHeads:
@@ -197,9 +204,13 @@ class MTPHeads(nn.Module):
         whs_per_channel: bool = False,
         draft_vocab_size: int | None = None,
         dtype: torch.dtype | None = None,
+        fuse_layers: Sequence[int] | None = None,
+        fc_bias: bool = False,
     ) -> "MTPHeads":
         """Fresh heads for a transformers causal LM (its lm_head, final norm and embeddings; for
-        ``kind="transformer"`` also copies of its last decoder layer and its rotary module)."""
+        ``kind="transformer"`` and ``"eagle"`` also copies of its last decoder layer and its
+        rotary module). ``fuse_layers`` / ``fc_bias``: ``"eagle"`` only (see
+        :class:`MTPHeadsConfig`)."""
         lm_head, norm_w, eps, embed = backbone_parts(model)
         cfg = model.config
         config = MTPHeadsConfig(
@@ -213,6 +224,8 @@ class MTPHeads(nn.Module):
             draft_vocab_size=draft_vocab_size,
             backbone=model_name(model),
             rms_norm_eps=eps,
+            fuse_layers=None if fuse_layers is None else [int(i) for i in fuse_layers],
+            fc_bias=fc_bias,
         )
         extra = kind_class(kind)._backbone_kwargs(model)
         return MTPHeads(config, lm_head, norm_w, embed, dtype=dtype, **extra)
@@ -339,7 +352,9 @@ class MTPHeads(nn.Module):
                     f"hidden_states must hold num_layers + 1 = {self.config.num_layers + 1} "
                     f"tensors, got {len(hs)}"
                 )
-            if self.config.layer == "whs":
+            if self.config.fuse_layers is not None:
+                x = torch.cat([hs[i].to(self.param_dtype) for i in self.config.fuse_layers], -1)
+            elif self.config.layer == "whs":
                 w = self.whs_weights()
                 stacked = torch.stack([h.float() for h in hs], 0)  # [L+1, ..., D]
                 if w.dim() == 1:
@@ -349,11 +364,11 @@ class MTPHeads(nn.Module):
                 x = (w * stacked).sum(0)
             else:
                 x = hs[self.config.layer]
-        if x.shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"hidden states must end in hidden_size={self.config.hidden_size}, "
-                f"got shape {list(x.shape)}"
-            )
+        width = self.config.hidden_size * len(self.config.fuse_layers or [None])
+        if x.shape[-1] != width:
+            what = ("hidden_size" if width == self.config.hidden_size
+                    else "len(fuse_layers) * hidden_size")
+            raise ValueError(f"hidden states must end in {what}={width}, got shape {list(x.shape)}")
         return x.to(self.param_dtype)
 
     def input_at(self, out, index: torch.Tensor | slice | None):

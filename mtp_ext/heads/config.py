@@ -22,9 +22,10 @@ class MTPHeadsConfig:
         num_heads: ``H >= 1``; head ``h`` predicts the token at ``t + 1 + h``.
         hidden_size: the backbone's ``D``.
         vocab_size: the backbone's ``V`` (rows of its unembedding).
-        kind: ``"resblock"``, ``"linear"``, ``"conditioned"`` or ``"transformer"`` (one decoder
+        kind: ``"resblock"``, ``"linear"``, ``"conditioned"``, ``"transformer"`` (one decoder
             block per head, initialized from the backbone's last decoder layer; needs inputs with a
-            sequence axis ``[B, S, D]``).
+            sequence axis ``[B, S, D]``) or ``"eagle"`` (one decoder block shared by every depth,
+            EAGLE-1 or EAGLE-3 layout, see :mod:`mtp_ext.heads.eagle`).
         layer: index into the backbone's ``hidden_states`` tuple (default -1, the last), or
             ``"whs"`` (learned softmax-weighted sum over all of them).
         num_layers: the backbone's number of decoder layers ``L`` (``hidden_states`` has ``L + 1``
@@ -34,6 +35,11 @@ class MTPHeadsConfig:
         backbone: the backbone's name (``model.name_or_path``), checked on loading when recorded.
         rms_norm_eps: epsilon of the backbone's final RMSNorm (also used by the conditioned heads'
             own RMSNorms).
+        fuse_layers: ``"eagle"`` heads only: the EAGLE-3 layout, the feature fused by ``fc`` from
+            these hidden states (indices into ``hidden_states``, e.g. ``[2, L // 2, L - 3]``: low,
+            middle and high layers; ``layer`` is then unused); None: the EAGLE-1 layout (the last
+            hidden state, ``layer=-1``).
+        fc_bias: ``"eagle"`` heads only: ``fc`` has a bias.
     """
 
     num_heads: int
@@ -46,6 +52,8 @@ class MTPHeadsConfig:
     draft_vocab_size: int | None = None
     backbone: str = ""
     rms_norm_eps: float = 1e-6
+    fuse_layers: list[int] | None = None
+    fc_bias: bool = False
 
     def __post_init__(self):
         self._check_types()
@@ -76,11 +84,34 @@ class MTPHeadsConfig:
             raise ValueError(f"layer={self.layer} (non-negative) needs num_layers")
         if self.whs_per_channel and self.layer != "whs":
             raise ValueError("whs_per_channel needs layer='whs'")
+        self._check_eagle_options()
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(
                 f"draft_vocab_size must be in [1, vocab_size={self.vocab_size}], "
                 f"got {self.draft_vocab_size}"
             )
+
+    def _check_eagle_options(self) -> None:
+        if self.kind != "eagle":
+            if self.fuse_layers is not None or self.fc_bias:
+                raise ValueError(f"fuse_layers and fc_bias need kind='eagle', got kind={self.kind!r}")
+            return
+        if self.fuse_layers is None:
+            if self.layer != -1 and not (self.num_layers is not None and self.layer == self.num_layers):
+                raise ValueError("eagle heads read the last hidden state (layer=-1) or fused layers "
+                                 f"(fuse_layers), got layer={self.layer!r}")
+            return
+        layers = self.fuse_layers
+        if (not isinstance(layers, (list, tuple)) or len(layers) < 2
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)):
+            raise ValueError(f"fuse_layers must be a list of at least 2 ints, got {layers!r}")
+        if self.num_layers is None:
+            raise ValueError("fuse_layers needs num_layers (the backbone's layer count)")
+        n = self.num_layers + 1
+        norm = [i % n if -n <= i < n else None for i in layers]
+        if None in norm or len(set(norm)) != len(norm):
+            raise ValueError(f"fuse_layers must be distinct indices in [-{n}, {n}), got {layers!r}")
+        self.fuse_layers = [int(i) for i in norm]
 
     def _check_types(self) -> None:
         """Raises ValueError naming a field whose value has the wrong type (a config file edited
@@ -97,6 +128,8 @@ class MTPHeadsConfig:
                 raise ValueError(f"{name} must be an int or None, got {value!r}")
         if not isinstance(self.kind, str):
             raise ValueError(f"kind must be a string, got {self.kind!r}")
+        if not isinstance(self.fc_bias, bool):
+            raise ValueError(f"fc_bias must be a bool, got {self.fc_bias!r}")
         if not isinstance(self.whs_per_channel, bool):
             raise ValueError(f"whs_per_channel must be a bool, got {self.whs_per_channel!r}")
         if not isinstance(self.backbone, str):
@@ -109,7 +142,7 @@ class MTPHeadsConfig:
     @property
     def reads_last(self) -> bool:
         """True when the heads read the last element of ``hidden_states`` alone (already normed)."""
-        if self.layer == "whs":
+        if self.layer == "whs" or self.fuse_layers is not None:
             return False
         if self.layer < 0:
             return self.layer == -1

@@ -16,6 +16,7 @@ _REGISTRY = {
     "linear": "linear:LinearHeads",
     "conditioned": "conditioned:ConditionedHeads",
     "transformer": "transformer:TransformerHeads",
+    "eagle": "eagle:EagleHeads",
 }
 
 KINDS = tuple(_REGISTRY)

@@ -70,6 +70,13 @@ def _transformer_parts(model) -> tuple[nn.Module, nn.Module]:
     return layers[-1], rotary
 
 
+def block_parts(model) -> dict:
+    """The constructor arguments of kinds built on the backbone's decoder block:
+    ``{"decoder_layer": its last decoder layer, "rotary": its rotary embedding module}``."""
+    layer, rotary = _transformer_parts(model)
+    return {"decoder_layer": layer, "rotary": rotary}
+
+
 def _block_copy(layer: nn.Module) -> nn.Module:
     """An independent, trainable copy of a decoder layer, reading cache layer 0 (each head keeps its
     own one-layer cache). Forward hooks are dropped: transformers installs output-capturing hooks on
@@ -122,6 +129,8 @@ class TransformerDraftState:
 class TransformerHeads(MTPHeads):
     """One decoder block per head over the input sequence; parameters ``blocks.{h}.*``."""
 
+    reads_sequence = True
+
     def _check_parts(self, embed, decoder_layer, rotary) -> None:
         if decoder_layer is None or rotary is None:
             missing = [n for n, v in (("decoder_layer", decoder_layer), ("rotary", rotary))
@@ -144,8 +153,7 @@ class TransformerHeads(MTPHeads):
 
     @classmethod
     def _backbone_kwargs(cls, model) -> dict:
-        layer, rotary = _transformer_parts(model)
-        return {"decoder_layer": layer, "rotary": rotary}
+        return block_parts(model)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -307,12 +315,12 @@ class SequenceFeatures:
         mask = sequence_mask(slots, new_valid, new_pos, heads.param_dtype, self.window)
         return heads.block_outputs(x, position_ids=new_pos, state=self.state, attention_mask=mask)
 
-    def at_prompt(self, heads: TransformerHeads, out, slots):
+    def at_prompt(self, heads: TransformerHeads, out, slots, next_tokens=None):
         z = self._blocks(heads, heads.input_at(out, slice(None)), slots.valid, slots.pos, None)
         return z[:, -1]
 
     def after_step(self, heads: TransformerHeads, out, path: torch.Tensor, num_acc: torch.Tensor,
-                   keep: int, slots, next_pos: torch.Tensor):
+                   keep: int, slots, next_pos: torch.Tensor, tokens=None):
         kept = torch.arange(keep, device=path.device)[None]
         x = heads.input_at(out, path[:, :keep].clamp(min=0))  # -1 past a row's path: masked
         z = self._blocks(heads, x, kept <= num_acc[:, None], next_pos[:, None] + kept, slots)

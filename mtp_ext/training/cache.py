@@ -32,7 +32,8 @@ def _fingerprint(model, heads: MTPHeads, ids: torch.Tensor, target: str, dtype: 
     h = hashlib.sha256()
     h.update(ids.numpy().tobytes())
     lm = heads.lm_head_weight
-    h.update(repr((heads.config.layer, target == "kl", dtype, tuple(lm.shape))).encode())
+    layer = heads.config.layer if heads.config.fuse_layers is None else heads.config.fuse_layers
+    h.update(repr((layer, target == "kl", dtype, tuple(lm.shape))).encode())
     h.update(repr(float(lm.double().sum())).encode())
     h.update(str(getattr(model, "name_or_path", "")).encode())
     return h.hexdigest()[:16]
@@ -44,7 +45,8 @@ def build_cache(
 ) -> dict:
     """Runs the backbone over ``ids`` once and returns (and with ``config.cache_dir`` saves) the
     cached tensors: ``ids [N, T]``, ``greedy [N, T]`` (the backbone's argmax at each position),
-    ``feat`` (``[N, T, D]`` the selected hidden state, or ``[L + 1, N, T, D]`` for WHS) and, for KL
+    ``feat`` (``[N, T, D]`` the selected hidden state, ``[L + 1, N, T, D]`` for WHS, ``[N, T, kD]``
+    the ``k`` fused layers side by side for EAGLE-3 heads) and, for KL
     targets, ``last [N, T, D]`` (the last hidden state, when it is not ``feat`` itself)."""
     path = None
     if config.cache_dir:
@@ -76,6 +78,8 @@ def build_cache(
         li = _layer_index(heads, len(hs))
         if whs:
             feats.append(torch.stack([h.to(dtype).cpu() for h in hs], 0))
+        elif heads.config.fuse_layers is not None:  # EAGLE-3: the fused layers, side by side
+            feats.append(torch.cat([hs[i].to(dtype).cpu() for i in heads.config.fuse_layers], -1))
         else:
             feats.append(hs[li].to(dtype).cpu())
         if config.target == "kl":
@@ -87,7 +91,7 @@ def build_cache(
                         "through the output embedding, which does not reproduce this model's logits"
                     )
                 checked = True
-            if whs or li != len(hs) - 1:
+            if whs or heads.config.fuse_layers is not None or li != len(hs) - 1:
                 lasts.append(hs[-1].to(dtype).cpu())
     cache = {
         "ids": ids.cpu(),

@@ -39,7 +39,7 @@ def frozen_step(model, heads: MTPHeads, train_ids: torch.Tensor, train_cache: di
     H = heads.config.num_heads
     device = heads.lm_head_weight.device
     N, T = train_ids.shape
-    whole = heads.config.kind == "transformer"
+    whole = heads.reads_sequence
     s, t = sample_positions(N, T, config.batch_positions, gen, whole)  # the same on every rank
     if world > 1:
         mine = rank_slice(config.batch_positions, rank, world, "batch_positions")
