@@ -499,6 +499,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def emit(result: dict, text: str, json_path: str | None) -> dict:
+    """Prints ``text`` (the markdown) and writes ``result`` to ``json_path`` when given; returns
+    ``result``."""
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -515,11 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The first section's first set under the keys of the single-set files written before.
     first = sections[0]["sets"].get("continuation") or next(iter(sections[0]["sets"].values()))
     result.update(first)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, markdown(result), args.json)
 
 
 if __name__ == "__main__":

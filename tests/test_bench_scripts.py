@@ -78,3 +78,66 @@ def test_generate_speed_runs_from_the_committed_prompts(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["prompts"]) == 7 and all(r["identical"] for _, r in data["prompts"])
     assert data["batch"]["batch"] == 4 and data["batch"]["identical"]
+
+
+def _load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_head_kinds_learning_rates_per_kind():
+    hk = _load_bench("head_kinds")
+    kinds = ["conditioned", "eagle", "eagle3"]
+    assert hk.parse_lrs([], kinds) == {k: 3e-3 for k in kinds}
+    got = hk.parse_lrs(["1e-3", "eagle=7e-4", "eagle3=2e-3"], kinds)
+    assert got == {"conditioned": 1e-3, "eagle": 7e-4, "eagle3": 2e-3}
+    # a later value for every kind resets the earlier per-kind ones
+    assert hk.parse_lrs(["eagle=7e-4", "5e-4"], kinds) == {k: 5e-4 for k in kinds}
+    for bad, msg in [(["eagle=fast"], "not a number"), (["-1e-3"], "positive"),
+                     (["linear=1e-3"], "not among the kinds")]:
+        with pytest.raises(ValueError, match=msg):
+            hk.parse_lrs(bad, kinds)
+
+
+def test_head_kinds_eagle3_fuses_the_default_layers():
+    pytest.importorskip("transformers")
+    from helpers import tiny_llama
+
+    hk = _load_bench("head_kinds")
+    model = tiny_llama(64, 32, 64, 8, seed=0)
+    heads = hk.make_heads(model, "eagle3", 2, 16)
+    assert heads.config.kind == "eagle" and heads.config.fuse_layers == [2, 4, 5]
+    assert hk.make_heads(model, "eagle", 2, 16).config.fuse_layers is None
+
+
+def test_heads_e2e_compares_several_heads_and_checks_their_tokens(tmp_path):
+    import shutil
+
+    from mtp_ext.data import assets
+    from mtp_ext.heads import shipped_heads_dir
+
+    try:
+        assets.model_file("smollm2-135m")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    copy = tmp_path / "copy" / "heads"
+    shutil.copytree(shipped_heads_dir("smollm2-135m"), copy)
+    out = tmp_path / "e2e.json"
+    res = _run(["bench/heads_e2e.py", "--heads", "shipped", "--heads", str(copy), "--set", "chat",
+                "--limit", "2", "--new-tokens", "6", "--tree", "4", "--json", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    names = ["shipped", str(copy.parent)]
+    assert list(data["sets"]["chat"]) == names
+    for name in names:
+        s = data["sets"]["chat"][name]
+        assert s["prompts"] == 2 and s["identical"] == 2 and s["median_speedup"] > 0
+    # the same heads draft the same trees: equal tokens per step on every prompt
+    for row in data["prompts"]["chat"].values():
+        assert row[names[0]]["tokens_per_step"] == row[names[1]]["tokens_per_step"]
+    bad = _run(["bench/heads_e2e.py", "--heads", "shipped", "--heads", "shipped"], tmp_path)
+    assert bad.returncode != 0 and "same heads" in bad.stderr

@@ -514,3 +514,28 @@ def test_export_heads_command_errors(folders, tmp_path, capsys, heads, fmt, matc
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after any loading progress
     assert rc == 2
     assert last.startswith("mtp-ext export-heads: error: ") and match in last
+
+
+def test_shipped_eagle3_variant_exports_and_the_default_names_it(tmp_path, capsys):
+    """``--heads smollm2-135m:eagle3`` exports the shipped EAGLE-3 drafter; the default shipped
+    heads (conditioned) are refused with a pointer to it."""
+    from mtp_ext.data import assets
+
+    try:
+        assets.model_file("smollm2-135m")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    rc = cli.main(["export-heads", "--model", "smollm2-135m", "--heads", "smollm2-135m",
+                   "--format", "eagle3", str(tmp_path / "no")])
+    assert rc == 2 and "smollm2-135m:eagle3" in capsys.readouterr().err
+    out = tmp_path / "e3"
+    rc = cli.main(["export-heads", "--model", "smollm2-135m", "--heads", "smollm2-135m:eagle3",
+                   "--format", "eagle3", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    config = json.loads((out / X.CONFIG_FILE).read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]  # both engines load it
+    from mtp_ext.data.assets import load_model
+
+    model, _ = load_model("smollm2-135m")
+    back = X.import_heads(out, model)
+    assert back.config.fuse_layers == [2, 15, 27] and back.config.draft_vocab_size == 8192

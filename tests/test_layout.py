@@ -132,11 +132,12 @@ def test_each_kind_is_its_own_module(kind):
 # the ops; data/ imports nothing of the package; training/ and evaluation/ sit on the heads; cli/
 # may use everything and nothing but ``python -m mtp_ext`` imports it. Compatibility modules
 # (``mtp_ext.assets``, ``mtp_ext.texts``, ``mtp_ext.train``) only re-export.
-_CORE_BASE = {"mtp_ext.ops", "mtp_ext.reference", "mtp_ext.hf_compat"}
+_CORE_BASE = {"mtp_ext.ops", "mtp_ext.reference", "mtp_ext.hf_compat", "mtp_ext.growing"}
 ALLOWED = {
     "mtp_ext.data": set(),
     "mtp_ext.ops": set(),
     "mtp_ext.reference": set(),
+    "mtp_ext.growing": set(),
     "mtp_ext.hf_compat": set(),
     "mtp_ext.settings": set(),
     "mtp_ext.attention_masks": set(),

@@ -12,24 +12,32 @@ import json
 import pytest
 import torch
 
-from mtp_ext.heads.shipped import SHIPPED_HEADS, load_heads, shipped_heads_dir
+from mtp_ext.heads.shipped import SHIPPED_HEADS, SHIPPED_VARIANTS, load_heads, shipped_heads_dir
+
+VARIANTS = sorted(SHIPPED_VARIANTS["smollm2-135m"])
 
 # The goal for head 1 (top-1 / top-5 agreement with the backbone's greedy token); tests ask half.
 GOAL_TOP1, GOAL_TOP5 = 0.50, 0.75
 
 
-def test_shipped_files_are_consistent():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shipped_files_are_consistent(variant):
     from safetensors.torch import load_file
 
-    folder = shipped_heads_dir("smollm2-135m")
+    folder = shipped_heads_dir("smollm2-135m", variant)
     config = json.loads((folder / "config.json").read_text())
     assert config["backbone"] == "smollm2-135m"
     assert (config["hidden_size"], config["vocab_size"], config["num_layers"]) == (576, 49152, 30)
     state = load_file(folder / "heads.safetensors")
     H, D = config["num_heads"], config["hidden_size"]
     assert all(torch.isfinite(v.float()).all() for v in state.values() if v.is_floating_point())
+    assert config["kind"] == {"eagle3": "eagle"}.get(variant, variant.split("-")[0])
     if config["kind"] == "conditioned":
         assert state["proj"].shape == (H, D, 2 * D) and state["weight"].shape == (H, D, D)
+    if variant == "eagle3":  # EAGLE-3: fc over three fused layers, attention over [embed; h]
+        assert config["fuse_layers"] == [2, 15, 27]
+        assert state["fc.weight"].shape == (D, 3 * D)
+        assert state["layer.self_attn.q_proj.weight"].shape == (D, 2 * D)
     if config["draft_vocab_size"]:
         ids = state["vocab_ids"]
         assert ids.shape == (config["draft_vocab_size"],)
@@ -38,10 +46,15 @@ def test_shipped_files_are_consistent():
     assert size < 16 * 2**20, size  # a few MB inside the package
 
 
-def test_unknown_name():
+def test_unknown_name_and_variant():
     with pytest.raises(ValueError, match="no heads ship"):
         load_heads("gpt-17")
+    with pytest.raises(ValueError, match="no 'medusa' heads ship"):
+        shipped_heads_dir("smollm2-135m", "medusa")
     assert "smollm2-135m" in SHIPPED_HEADS
+    default = SHIPPED_HEADS["smollm2-135m"]
+    assert default in VARIANTS
+    assert shipped_heads_dir("smollm2-135m") == shipped_heads_dir("smollm2-135m", default)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +68,13 @@ def smollm2():
 
 
 @pytest.mark.slow
-def test_shipped_heads_reach_half_the_goal(smollm2):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shipped_heads_reach_half_the_goal(smollm2, variant):
     from mtp_ext.data.texts import load_text
     from mtp_ext.training import TrainConfig, build_cache, evaluate, tokenize_texts
 
     model, tok = smollm2
-    heads = load_heads("smollm2-135m", model)
+    heads = load_heads("smollm2-135m", model, variant=variant)
     ids = tokenize_texts(load_text("web", "validation"), tok, 256, max_tokens=2048)
     cfg = TrainConfig(seq_len=256, progress=False)
     res = evaluate(heads, build_cache(model, heads, ids, cfg), cfg)
@@ -69,12 +83,13 @@ def test_shipped_heads_reach_half_the_goal(smollm2):
 
 
 @pytest.mark.slow
-def test_512_greedy_tokens_equal_model_generate(smollm2):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_512_greedy_tokens_equal_model_generate(smollm2, variant):
     import mtp_ext
     from mtp_ext.cli.compare import encode_prompt
 
     model, tok = smollm2
-    heads = load_heads("smollm2-135m", model)
+    heads = load_heads("smollm2-135m", model, variant=variant)
     ids = encode_prompt(tok, "Write a long story about a lighthouse keeper and a storm.", chat=True)
     kw = dict(max_new_tokens=512, do_sample=False, eos_token_id=[])  # no early stop: 512 tokens
     want = model.generate(ids, **kw)

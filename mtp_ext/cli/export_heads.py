@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", default="smollm2-135m", help="known model name or model folder")
     p.add_argument("--heads", required=True,
-                   help="a heads folder (save_pretrained) or the name of shipped heads")
+                   help="a heads folder (save_pretrained) or shipped heads: a model name, or "
+                        "NAME:VARIANT (e.g. smollm2-135m:eagle3)")
     p.add_argument("--format", required=True, choices=list(FORMATS),
                    help="vllm-eagle / sglang-eagle: EAGLE-1 heads; eagle3: EAGLE-3 heads "
                         "(both engines)")
@@ -63,35 +64,49 @@ def serve_commands(format: str, out: str, target: str, num_heads: int,
     return cmds
 
 
+def _shipped_ref(arg: str) -> tuple[str, str | None]:
+    """``(model name, variant or None)`` of a ``--heads`` value naming shipped heads
+    (``NAME`` or ``NAME:VARIANT``)."""
+    name, _, variant = arg.partition(":")
+    return name, (variant or None)
+
+
 def _load_heads(arg: str, model):
     """The heads ``arg`` names (checked by :func:`_check_kind`) on ``model``."""
     from ..heads import MTPHeads, load_heads
 
     if os.path.isdir(arg):
         return MTPHeads.from_pretrained(arg, model)
-    return load_heads(arg, model)
+    name, variant = _shipped_ref(arg)
+    return load_heads(name, model, variant=variant)
 
 
 def _check_kind(args: argparse.Namespace) -> None:
     """Before the model loads: the heads exist and are ``"eagle"`` heads of the format's layout
     (ValueError, FileNotFoundError); :func:`~mtp_ext.heads.export.export_heads` checks the rest."""
-    from ..heads import CONFIG_NAME, SHIPPED_HEADS, MTPHeadsConfig, shipped_heads_dir
+    from ..heads import (CONFIG_NAME, SHIPPED_HEADS, SHIPPED_VARIANTS, MTPHeadsConfig,
+                         shipped_heads_dir)
     from ..heads.export import FORMATS
     from .checks import check_heads_folder
 
+    name, variant = _shipped_ref(args.heads)
     if os.path.isdir(args.heads):
         check_heads_folder(args.heads, "--heads")
         folder = args.heads
-    elif args.heads in SHIPPED_HEADS:
-        folder = shipped_heads_dir(args.heads)
+    elif name in SHIPPED_HEADS:
+        folder = shipped_heads_dir(name, variant)
     else:
         raise FileNotFoundError(f"--heads {args.heads!r} is neither a heads folder nor shipped "
                                 f"heads {sorted(SHIPPED_HEADS)}")
     with open(os.path.join(folder, CONFIG_NAME)) as f:
         config = MTPHeadsConfig.from_dict(json.load(f))
     if config.kind != "eagle":
+        hint = ""
+        if name in SHIPPED_VARIANTS:
+            eagles = [f"{name}:{v}" for v in sorted(SHIPPED_VARIANTS[name]) if "eagle" in v]
+            hint = f" (shipped eagle heads: {', '.join(eagles)})" if eagles else ""
         raise ValueError(f"--heads {args.heads!r}: only eagle heads export to the engines' "
-                         f"drafter formats; these heads are kind={config.kind!r}")
+                         f"drafter formats; these heads are kind={config.kind!r}{hint}")
     layout = "eagle3" if config.fuse_layers is not None else "eagle1"
     if layout != FORMATS[args.format].layout:
         other = "eagle3" if layout == "eagle3" else "vllm-eagle or sglang-eagle"

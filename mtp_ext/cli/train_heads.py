@@ -85,8 +85,9 @@ def _fuse_layers(value: str | None, model) -> list[int] | None:
     if value is None:
         return None
     if value == "default":
-        L = int(model.config.num_hidden_layers)
-        return [2, L // 2, L - 3]
+        from ..heads.eagle import default_fuse_layers
+
+        return default_fuse_layers(model.config.num_hidden_layers)
     try:
         return [int(v) for v in value.split(",")]
     except ValueError:

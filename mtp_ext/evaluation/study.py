@@ -72,12 +72,14 @@ def _model_label(model) -> str:
 
 
 def _shipped(model) -> TrainedHeads | None:
-    from ..heads.shipped import SHIPPED_HEADS, load_heads
+    from ..heads.shipped import SHIPPED_HEADS, SHIPPED_VARIANTS, load_heads
 
     name = _model_label(model)
     if name not in SHIPPED_HEADS:
         return None
-    heads = load_heads(name, model)
+    # the study scores heads that read one position's hidden state: the conditioned variant
+    variant = "conditioned" if "conditioned" in SHIPPED_VARIANTS[name] else None
+    heads = load_heads(name, model, variant=variant)
     return TrainedHeads("head_shipped", int(model.config.num_hidden_layers), heads, model)
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 from .base import MTPHeads
 from .config import CONFIG_NAME, WEIGHTS_NAME, MTPHeadsConfig
 from .registry import KINDS, kind_class
-from .shipped import SHIPPED_HEADS, load_heads, shipped_heads_dir
+from .shipped import SHIPPED_HEADS, SHIPPED_VARIANTS, load_heads, shipped_heads_dir
 from .transformer import TransformerDraftState
 
 __all__ = ["MTPHeadsConfig", "MTPHeads", "TransformerDraftState", "KINDS", "kind_class",
-           "CONFIG_NAME", "WEIGHTS_NAME", "SHIPPED_HEADS", "load_heads", "shipped_heads_dir"]
+           "CONFIG_NAME", "WEIGHTS_NAME", "SHIPPED_HEADS", "SHIPPED_VARIANTS", "load_heads",
+           "shipped_heads_dir"]

@@ -338,6 +338,13 @@ class MTPHeads(nn.Module):
             raise ValueError("whs_weights needs layer='whs'")
         return torch.softmax(self.whs_logits, dim=0)
 
+    def fused_states(self, hidden_states, dtype: torch.dtype) -> torch.Tensor:
+        """The ``fuse_layers`` hidden states of the backbone's ``hidden_states`` tuple side by
+        side, ``[..., kD]`` of ``dtype`` (what EAGLE-3 heads read and a training cache stores)."""
+        if self.config.fuse_layers is None:
+            raise ValueError("fused_states needs heads with fuse_layers")
+        return torch.cat([hidden_states[i].to(dtype) for i in self.config.fuse_layers], -1)
+
     def select_input(self, hidden_states) -> torch.Tensor:
         """The heads' input ``[..., D]`` from the backbone's ``hidden_states`` tuple (a single
         tensor is taken as the one to read, which only makes sense for an int ``layer``)."""
@@ -353,7 +360,7 @@ class MTPHeads(nn.Module):
                     f"tensors, got {len(hs)}"
                 )
             if self.config.fuse_layers is not None:
-                x = torch.cat([hs[i].to(self.param_dtype) for i in self.config.fuse_layers], -1)
+                x = self.fused_states(hs, self.param_dtype)
             elif self.config.layer == "whs":
                 w = self.whs_weights()
                 stacked = torch.stack([h.float() for h in hs], 0)  # [L+1, ..., D]

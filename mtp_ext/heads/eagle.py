@@ -43,11 +43,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..growing import GrowingColumns
 from ..reference import stable_topk
 from .base import MTPHeads, rms_norm
 from .transformer import _Unregistered, block_parts
 
-__all__ = ["EagleHeads", "EagleBlock", "EagleContext", "EagleFeatures"]
+__all__ = ["EagleHeads", "EagleBlock", "EagleContext", "EagleFeatures", "default_fuse_layers"]
+
+
+def default_fuse_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high features of a backbone of ``num_layers`` decoder layers:
+    hidden states ``[2, L // 2, L - 3]`` (indices into ``hidden_states``), the default of both
+    vLLM and SGLang."""
+    L = int(num_layers)
+    return [2, L // 2, L - 3]
 
 
 class _Norm(nn.Module):
@@ -461,44 +470,33 @@ class EagleFeatures:
     draft the next tree from."""
 
     def __init__(self, heads: EagleHeads):
-        self._k = self._v = None
-        self.length = 0
+        self._entries = GrowingColumns()
+        self._kv_shape = (heads.layer.num_kv, heads.layer.head_dim)
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        B, n = k.shape[:2]
-        need = self.length + n
-        if self._k is None or need > self._k.shape[1]:
-            cap = max(need, 16, 0 if self._k is None else 2 * self._k.shape[1])
-            grown_k = k.new_zeros(B, cap, *k.shape[2:])
-            grown_v = v.new_zeros(B, cap, *v.shape[2:])
-            if self._k is not None:
-                grown_k[:, : self.length] = self._k[:, : self.length]
-                grown_v[:, : self.length] = self._v[:, : self.length]
-            self._k, self._v = grown_k, grown_v
-        self._k[:, self.length : need] = k
-        self._v[:, self.length : need] = v
-        self.length = need
+    @property
+    def length(self) -> int:
+        return self._entries.length
 
-    def _cached(self, heads: EagleHeads, B: int, like: torch.Tensor):
-        if self._k is None:
-            shape = (B, 0, heads.layer.num_kv, heads.layer.head_dim)
-            return like.new_zeros(shape), like.new_zeros(shape)
-        return self._k[:, : self.length], self._v[:, : self.length]
+    def _cached(self, B: int, like: torch.Tensor):
+        if self._entries.empty:
+            empty = like.new_zeros(B, 0, *self._kv_shape)
+            return empty, empty
+        return self._entries["k"], self._entries["v"]
 
     def _update(self, heads: EagleHeads, x, tokens, pos, valid, slots, last, next_pos):
         B = x.shape[0]
-        keys, values = self._cached(heads, B, heads.fc.weight)
+        keys, values = self._cached(B, heads.fc.weight)
         cache_valid = (slots.valid if slots is not None
                        else torch.zeros(B, 0, dtype=torch.bool, device=x.device))
         if cache_valid.shape[1] != self.length:
             raise RuntimeError(f"eagle entries ({self.length}) out of step with the cache "
                                f"slots ({cache_valid.shape[1]})")
         g, k, v = heads.context_entries(x, tokens, pos, valid, keys, values, cache_valid)
-        self._append(k, v)
+        self._entries.append(k=k, v=v)
         all_valid = torch.cat([cache_valid, valid], 1)
         rows = torch.arange(B, device=x.device)
-        return EagleContext(g[rows, last], self._k[:, : self.length], self._v[:, : self.length],
-                            all_valid, next_pos)
+        return EagleContext(g[rows, last], self._entries["k"], self._entries["v"], all_valid,
+                            next_pos)
 
     def at_prompt(self, heads: EagleHeads, out, slots, next_tokens: torch.Tensor | None = None):
         """After the prefill: ``next_tokens [B, P]`` int64, the token after each prompt slot (the

@@ -701,4 +701,6 @@ def _config_fuse_layers(config: dict, n_layers: int | None) -> list[int]:
         return sorted(int(i) + 1 for i in nested)
     if n_layers is None:
         raise ValueError("an EAGLE-3 config without layer ids needs the backbone's layer count")
-    return [2, n_layers // 2, n_layers - 3]
+    from .eagle import default_fuse_layers
+
+    return default_fuse_layers(n_layers)

@@ -79,7 +79,7 @@ def build_cache(
         if whs:
             feats.append(torch.stack([h.to(dtype).cpu() for h in hs], 0))
         elif heads.config.fuse_layers is not None:  # EAGLE-3: the fused layers, side by side
-            feats.append(torch.cat([hs[i].to(dtype).cpu() for i in heads.config.fuse_layers], -1))
+            feats.append(heads.fused_states(hs, dtype).cpu())
         else:
             feats.append(hs[li].to(dtype).cpu())
         if config.target == "kl":
