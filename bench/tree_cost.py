@@ -29,7 +29,7 @@ from mtp_ext.hf_compat import cache_kwarg, crop_cache
 
 PREFIX = 200  # tokens in the KV cache
 TREE_SIZES = (4, 8, 16, 32, 64)
-LINEAR_SHAPES = [(1536, 576, "576 x 1536 (up/gate)"), (576, 1536, "1536 x 576 (down)"), (49152, 576, "576 x 49152 (output)")]
+LINEAR_SHAPES = [(576, 576, "576 x 576 (q/o)"), (192, 576, "576 x 192 (k/v)"), (1536, 576, "576 x 1536 (up/gate)"), (576, 1536, "1536 x 576 (down)"), (49152, 576, "576 x 49152 (output)")]
 LINEAR_ROWS = (2, 4, 8, 16, 32, 64)
 
 
@@ -89,10 +89,11 @@ def bench_linears(dtype: torch.dtype, rounds: int, cold: bool) -> list[dict]:
                 rtol=2e-2 if dtype != torch.float32 else 1e-4,
                 atol=2e-2 if dtype != torch.float32 else 1e-4,
             )
-            cycles = [itertools.cycle(pool) for _ in range(3)]
+            cycles = [itertools.cycle(pool) for _ in range(4)]
             t = interleaved_medians(
                 {
                     "torch_1row": lambda: F.linear(one, next(cycles[0])),
+                    "ours_1row": lambda: mtp_ext.small_batch_linear(one, next(cycles[3])),
                     "torch": lambda: F.linear(x, next(cycles[1])),
                     "ours": lambda: mtp_ext.small_batch_linear(x, next(cycles[2])),
                 },
@@ -208,14 +209,31 @@ def bench_verify_and_heads(model, rounds: int) -> dict:
     return {"verify": verify, "heads": head_t}
 
 
-def markdown(dtype: torch.dtype, threads: int, linears, tree, vh) -> str:
-    lines = [f"Weights {str(dtype).replace('torch.', '')}, {threads} threads, medians of interleaved runs (ms).", ""]
-    lines += ["| linear | weights | M | torch 1 row | torch M rows | ours M rows | torch M / 1 row | ours M / torch 1 row |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+def linears_markdown(linears) -> list[str]:
+    """The linear table: both kernels at 1 and M rows; "best M / best 1 row" is what a per-machine
+    choice (``mtp_ext.linear_choice``: the faster kernel per row count) costs at M rows over the
+    fastest 1-row product."""
+    lines = ["| linear | weights | M | torch 1 row | ours 1 row | torch M rows | ours M rows | torch M / torch 1 row | ours M / torch 1 row | best M / best 1 row |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in linears:
+        best1 = min(r["torch_1row"], r["ours_1row"])
         lines.append(
-            f"| {r['shape']} | {'from DRAM' if r['cold'] else 'in cache'} | {r['M']} | {r['torch_1row']:.3f} | {r['torch']:.3f} | {r['ours']:.3f} | "
-            f"{r['torch'] / r['torch_1row']:.2f}x | {r['ours'] / r['torch_1row']:.2f}x |"
+            f"| {r['shape']} | {'from DRAM' if r['cold'] else 'in cache'} | {r['M']} | {r['torch_1row']:.3f} | {r['ours_1row']:.3f} | "
+            f"{r['torch']:.3f} | {r['ours']:.3f} | {r['torch'] / r['torch_1row']:.2f}x | {r['ours'] / r['torch_1row']:.2f}x | "
+            f"{min(r['torch'], r['ours']) / best1:.2f}x |"
         )
+    return lines
+
+
+def caption(dtype: torch.dtype, threads: int) -> str:
+    from mtp_ext.machine import describe_cpu
+
+    return (f"Weights {str(dtype).replace('torch.', '')}, {describe_cpu()}, "
+            f"medians of interleaved runs (ms).")
+
+
+def markdown(dtype: torch.dtype, threads: int, linears, tree, vh) -> str:
+    lines = [caption(dtype, threads), ""] + linears_markdown(linears)
     lines += ["", "| tree nodes T | decode step | stock tree + verify | fast_cpu tree + fused verify | stock / step | ours / step | same tokens |", "|---:|---:|---:|---:|---:|---:|---|"]
     for r in tree:
         lines.append(
@@ -246,9 +264,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--json", default=None, help="also write the raw medians here")
+    parser.add_argument("--linears-only", action="store_true",
+                        help="only the linear table (weights from DRAM), e.g. for the M = 8 target")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.linears_only:
+        linears = bench_linears(dtype, args.rounds, cold=True)
+        print("\n".join([caption(dtype, args.threads), ""] + linears_markdown(linears)))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"dtype": args.dtype, "threads": args.threads, "linears": linears}, f, indent=1)
+        return
     linears = bench_linears(dtype, args.rounds, cold=True) + bench_linears(dtype, args.rounds, cold=False)
     model = smollm2_shaped_model(dtype)
     tree = bench_tree(model, args.rounds)

@@ -17,6 +17,7 @@ Each step:
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -26,7 +27,16 @@ from .step_costs import step_costs
 from .tree_step import DecodeState, HostContexts, StepResult, plain_step, verify_step
 from .trees import draft_pool, root_tree
 
-__all__ = ["ControlledSteps"]
+__all__ = ["ControlledSteps", "forget_priors"]
+
+# Per heads object, what the last call's controller learned (Controller.prior): the next call
+# with those heads starts from it instead of drafting its first step to learn the heads.
+_PRIORS: "weakref.WeakKeyDictionary[MTPHeads, object]" = weakref.WeakKeyDictionary()
+
+
+def forget_priors() -> None:
+    """Drops what earlier calls learned: the next call of any heads starts knowing nothing."""
+    _PRIORS.clear()
 
 
 def _leading(row: list[int]) -> int:
@@ -58,7 +68,8 @@ class ControlledSteps:
         contexts: the rows' tokens on the host (for prompt lookup), or None when lookup is off.
         max_lookup: the longest lookup branch.
         controller: a :class:`Controller` (default: one over this machine's measured step costs
-            for this model, dtype, heads and batch size, :func:`~mtp_ext.step_costs.step_costs`).
+            for this model, dtype, heads and batch size, :func:`~mtp_ext.step_costs.step_costs`,
+            started from what the last call with these heads learned, :meth:`finish`).
     """
 
     def __init__(self, model, heads: MTPHeads, state: DecodeState, settings, uniforms_fn, ops,
@@ -73,12 +84,24 @@ class ControlledSteps:
         if controller is None:
             costs = step_costs(model, heads, batch=state.root.shape[0], width=self.width)
             controller = Controller(costs, sizes, self.max_lookup, heads.config.num_heads)
+            controller.start_from(_PRIORS.get(heads))
+            self._remember = True
+        else:
+            self._remember = False
         self.controller = controller
         self.pin = device.type == "cuda"
         # Steps are timed on CPU only: on a GPU, work queued after a step's host read would run
         # into the next step's time.
         self.timed = device.type == "cpu"
         self.plans: list[tuple[int, int]] = []  # (tree nodes, lookup tokens) per step
+
+    def finish(self) -> None:
+        """After the call: keeps what the controller learned for the next call with these heads
+        (only for the controller made here, not an injected one)."""
+        if self._remember:
+            prior = self.controller.prior()
+            if prior is not None:
+                _PRIORS[self.heads] = prior
 
     def _drafts(self, taken: list[list[int]], active: list[bool]):
         """``(drafts [B, max_lookup] host tensor or None, rows as lists or None)``."""

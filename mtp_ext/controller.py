@@ -33,6 +33,11 @@ generation, per depth:
   every ``probe`` steps (4 at first, doubling up to 64 while drafting keeps not paying), since
   acceptance changes with the text, but never so often that the re-checks cost more than
   ``PROBE_BUDGET`` (1.5%) of the run by the cost model (:meth:`Controller.probe_floor`).
+- **Across calls.** The first call with a set of heads knows nothing of them, so its first step
+  drafts to learn them. A later call starts from what the last one learned (:class:`Prior`:
+  the pool masses, the acceptance counts, the time ratios), so on text where trees do not pay it
+  starts plain, without that first draft (which costs about 2.5 plain steps, 2-4% of a short
+  answer); the counts are forgetful sums, so the new text's own steps soon outweigh them.
 
 Everything here is host arithmetic on a few dozen floats per row (tens of microseconds a step).
 Tests inject cost models of different machines and streams of acceptance.
@@ -44,7 +49,7 @@ import dataclasses
 import math
 from typing import Protocol, Sequence
 
-__all__ = ["CostModel", "Plan", "Controller", "DEFAULT_SIZES", "DEFAULT_WIDTH", "GPU_SIZES",
+__all__ = ["CostModel", "Plan", "Prior", "Controller", "DEFAULT_SIZES", "DEFAULT_WIDTH", "GPU_SIZES",
            "GPU_WIDTH", "LOOKUP_GRID", "default_grid"]
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -83,6 +88,25 @@ class Plan:
     lookup: int
     rate: float
     probe: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """What a finished call's controller learned (:meth:`Controller.prior`), for the next call with
+    the same heads to start from (:meth:`Controller.start_from`): the mean pool mass per tree size
+    and depth, the tree's and the lookup branch's acceptance counts (forgetful sums: the new
+    call's own steps outweigh them within a few dozen steps, ``forget`` 0.95) and the
+    measured-over-predicted step time ratios."""
+
+    sizes: tuple[int, ...]
+    max_depth: int
+    max_lookup: int
+    mean_mass: dict[int, tuple[float, ...]]
+    reached: tuple[float, ...]
+    predicted: tuple[float, ...]
+    look_hit: tuple[float, ...]
+    look_try: tuple[float, ...]
+    time_scale: dict[str, float]
 
 
 class Controller:
@@ -126,6 +150,33 @@ class Controller:
         # Measured over predicted step time, per kind of step (see observe_time).
         self.time_scale = {"plain": 1.0, "lookup": 1.0, "drafted": 1.0}
         self._timed = {"plain": 0, "lookup": 0, "drafted": 0}
+
+    # ---------------------------------------------------------------- across calls
+
+    def prior(self) -> Prior | None:
+        """What this controller learned, for the next call (None when it never drafted: nothing
+        learned of the heads)."""
+        if self.mean_mass is None:
+            return None
+        return Prior(tuple(self.sizes), self.max_depth, self.max_lookup,
+                     {t: tuple(m) for t, m in self.mean_mass.items()}, tuple(self.reached),
+                     tuple(self.predicted), tuple(self.look_hit), tuple(self.look_try),
+                     dict(self.time_scale))
+
+    def start_from(self, prior: Prior | None) -> bool:
+        """Starts from ``prior`` (a former call's :meth:`prior` with the same heads) instead of
+        knowing nothing: the first step then plans from the prior's acceptance instead of always
+        drafting to learn it, so a text on which trees do not pay starts with plain steps (and
+        re-checks on the usual schedule). Ignored (returns False) when the prior was made for
+        other tree sizes or depths; its lookup counts only when the lookup length matches."""
+        if prior is None or prior.sizes != tuple(self.sizes) or prior.max_depth != self.max_depth:
+            return False
+        self.mean_mass = {t: list(m) for t, m in prior.mean_mass.items()}
+        self.reached, self.predicted = list(prior.reached), list(prior.predicted)
+        if prior.max_lookup == self.max_lookup:
+            self.look_hit, self.look_try = list(prior.look_hit), list(prior.look_try)
+        self.time_scale = dict(prior.time_scale)
+        return True
 
     # ---------------------------------------------------------------- estimates
 

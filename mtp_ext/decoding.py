@@ -327,6 +327,8 @@ def generate(
                 branch = _LookupBranch(input_ids, attention_mask, lookup, settings.max_new_tokens)
                 steps = _FixedSteps(model, heads, state, spec, settings, uniforms, ops, branch)
             accepted = _decode(steps, output, output.emit([[t] for t in first.tolist()]), on_step)
+            if spec is None:
+                steps.finish()
         plans = steps.plans
         if spec is None:
             size = max((t + k for t, k in plans), default=1)

@@ -222,3 +222,24 @@ def test_step_costs_unwritable_cache(model, tmp_path, monkeypatch, capsys):
     assert "kept for this process" in capsys.readouterr().err
     step_costs.step_costs(model, heads, quiet=True)
     assert calls["n"] == 1 and "kept" not in capsys.readouterr().err
+
+
+def test_a_second_call_with_the_same_heads_starts_from_what_the_first_learned(model, inject):
+    """Where trees never pay, a call after a first one with the same heads does not draft its
+    first step (the floor costs no re-check at the start); other heads, or after
+    ``forget_priors``, learn again."""
+    inject(COSTLY)
+    controlled_steps.forget_priors()
+    heads = perturbed_heads(model, "conditioned", 0, 0.05)
+    ids, _ = _prompts(1, 9, seed=5)
+    kw = dict(max_new_tokens=60, do_sample=False, prompt_lookup_num_tokens=0,
+              return_dict_in_generate=True)
+    first = generate(model, ids, heads, **kw)
+    assert first.plans[0][0] > 1  # drafted to learn the heads
+    second = generate(model, ids, heads, **kw)
+    assert torch.equal(second.sequences, first.sequences)
+    assert second.plans[0] == (1, 0) and all(t == 1 for t, _ in second.plans)
+    other = perturbed_heads(model, "conditioned", 1, 0.05)
+    assert generate(model, ids, other, **kw).plans[0][0] > 1
+    controlled_steps.forget_priors()
+    assert generate(model, ids, heads, **kw).plans[0][0] > 1

@@ -267,3 +267,55 @@ def test_rechecks_are_spaced_to_cost_at_most_the_budget():
     assert floor == math.ceil(7.1 / (Controller.PROBE_BUDGET * 30.0))
     plans, _ = run(HOPELESS, top=0.9, truth=1.0, steps=300)
     assert sum(p.draft for p in plans) == 1  # the first step only: a re-check would cost 11x
+
+
+def test_a_prior_of_heads_that_do_not_pay_starts_with_plain_steps():
+    """A call after one on which weak heads never paid plans its first step from that call's
+    acceptance: plain, no draft to learn the heads."""
+    _, first = run(XEON, top=0.3, truth=0.6, steps=200)
+    prior = first.prior()
+    ctl = Controller(XEON, max_lookup=0, max_depth=4)
+    assert ctl.start_from(prior)
+    plan = ctl.plan([0])
+    assert not plan.draft and plan.tree == 1 and plan.lookup == 0
+    # ... and re-checks the heads on the usual schedule
+    gap = max(Controller.PROBE_FIRST, ctl.probe_floor())
+    plans = []
+    for _ in range(gap):
+        plans.append(ctl.plan([0]))
+        ctl.observe(drafted=False, tree=1, masses=None, tree_accepted=[0], lookup_matched=[0],
+                    lookup_known=[0])
+    assert [p.probe for p in plans] == [False] * (gap - 1) + [True]
+
+
+def test_a_prior_of_heads_that_pay_drafts_from_the_first_step():
+    _, first = run(EPYC, top=0.85, truth=1.0, steps=100)
+    ctl = Controller(EPYC, max_lookup=0, max_depth=4)
+    assert ctl.start_from(first.prior())
+    plan = ctl.plan([0])
+    assert plan.draft and not plan.probe and plan.tree > 1
+
+
+def test_the_new_calls_own_steps_soon_outweigh_a_prior():
+    _, first = run(EPYC, top=0.85, truth=0.5, steps=400)
+    ctl = Controller(EPYC, max_lookup=0, max_depth=4)
+    ctl.start_from(first.prior())
+    assert ctl.calibration() == first.calibration() and ctl.calibration()[1] < 0.65
+    # the new text's heads are exactly calibrated: a few dozen steps move c_1 most of the way
+    rng = random.Random(1)
+    probs, depths = pool(0.85)
+    for _ in range(40):
+        _, rm = ctl.choose([probs], [depths], [0])
+        mass = rm[0][8]
+        ctl.observe(drafted=True, tree=8, masses=[mass], tree_accepted=[accepted_depth(rng, mass, 1.0)],
+                    lookup_matched=[0], lookup_known=[0])
+    assert ctl.calibration()[1] > 0.8
+
+
+def test_a_prior_for_other_sizes_or_none_is_ignored():
+    _, first = run(EPYC, top=0.85, truth=1.0, steps=50)
+    other = Controller(EPYC, sizes=(1, 2, 4), max_lookup=0, max_depth=4)
+    assert not other.start_from(first.prior())
+    assert other.plan([0]).probe  # still learns the heads first
+    assert not other.start_from(None)
+    assert Controller(EPYC).prior() is None  # nothing learned yet

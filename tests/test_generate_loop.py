@@ -212,3 +212,34 @@ def test_lookup_branch_grows_after_a_whole_acceptance():
     assert _next_lookup_length(8, 4, branch, [[5, 6, 7], [1, 2]], [True, True]) == 4
     assert _next_lookup_length(4, 4, branch, [[5, 6, 7, 8, 9], [1]], [False, True]) == 4
     assert _next_lookup_length(8, 4, None, [[1]], [True]) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_verification_reads_the_models_rounded_logits_in_16_bits(dtype, monkeypatch):
+    """A 16-bit model's output layer rounds its logits, and ``model.generate`` takes the first of
+    the tied maxima: greedy tree steps of a bfloat16 model verify on those logits (``verify_tree``
+    on the output layer's bfloat16 logits), float32 ones on the fused float32 argmax."""
+    from mtp_ext import ops
+
+    m = decoding_llama(VOCAB, seed=3).to(dtype)
+    heads = perturbed_heads(m, "conditioned", 0, 0.05).to(dtype)
+    seen = collections.Counter()
+    real_verify, real_fused = ops.verify_tree, ops.verify_tree_from_hidden
+
+    def verify(draft, parents, logits, *a, **k):
+        seen[("verify_tree", logits.dtype)] += 1
+        return real_verify(draft, parents, logits, *a, **k)
+
+    def fused(*a, **k):
+        seen["fused"] += 1
+        return real_fused(*a, **k)
+
+    monkeypatch.setattr(ops, "verify_tree", verify)
+    monkeypatch.setattr(ops, "verify_tree_from_hidden", fused)
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    out = generate(m, ids, heads, max_new_tokens=12, do_sample=False, tree=4)
+    assert out.shape == (1, 19)
+    if dtype == torch.bfloat16:
+        assert seen["fused"] == 0 and seen[("verify_tree", torch.bfloat16)] >= 1
+    else:
+        assert seen["fused"] >= 1 and seen[("verify_tree", torch.bfloat16)] == 0

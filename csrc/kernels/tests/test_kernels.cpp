@@ -155,36 +155,41 @@ static void test_sampling() {
 static void test_dot_rows() {
   std::mt19937 rng(2);
   std::uniform_real_distribution<float> uni(-1, 1);
-  const int64_t ra = 7, rb = 11, depth = 37;
-  std::vector<float> a(ra * depth), b(rb * depth), out(ra * rb);
-  for (float& v : a) v = uni(rng);
-  for (float& v : b) v = uni(rng);
-  dot_rows(a.data(), depth, ra, b.data(), depth, rb, depth, out.data(), rb);
-  for (int64_t i = 0; i < ra; ++i)
-    for (int64_t j = 0; j < rb; ++j) {
-      double want = 0;
-      for (int64_t d = 0; d < depth; ++d) want += double(a[i * depth + d]) * b[j * depth + d];
-      EXPECT(std::fabs(out[i * rb + j] - want) < 1e-4);
-    }
+  // 1 to 3 rows (edges), 4 (one 4 x 4 tile), 8 and 16 (8 x 2 tiles), 13 (8 + 4 + 1), 19
+  for (const int64_t ra : {1, 3, 4, 7, 8, 13, 16, 19}) {
+    const int64_t rb = 11, depth = 37;
+    std::vector<float> a(ra * depth), b(rb * depth), out(ra * rb);
+    for (float& v : a) v = uni(rng);
+    for (float& v : b) v = uni(rng);
+    dot_rows(a.data(), depth, ra, b.data(), depth, rb, depth, out.data(), rb);
+    for (int64_t i = 0; i < ra; ++i)
+      for (int64_t j = 0; j < rb; ++j) {
+        double want = 0;
+        for (int64_t d = 0; d < depth; ++d) want += double(a[i * depth + d]) * b[j * depth + d];
+        EXPECT(std::fabs(out[i * rb + j] - want) < 1e-4);
+      }
+  }
 }
 
 static void test_dot_rows_bf16() {
 #if MTP_EXT_HAS_BF16_DOT
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> uni(-1, 1);
-  const int64_t ra = 6, rb = 9, depth = 70;  // a tail of 6 after two 32-wide steps
-  std::vector<bf16> a(ra * depth), b(rb * depth);
-  for (bf16& v : a) v = to_bf16(uni(rng));
-  for (bf16& v : b) v = to_bf16(uni(rng));
-  std::vector<float> out(ra * rb);
-  dot_rows_bf16(a.data(), depth, ra, b.data(), depth, rb, depth, out.data(), rb);
-  for (int64_t i = 0; i < ra; ++i)
-    for (int64_t j = 0; j < rb; ++j) {
-      double want = 0;
-      for (int64_t d = 0; d < depth; ++d)
-        want += double(to_float(a[i * depth + d])) * to_float(b[j * depth + d]);
-      EXPECT(std::fabs(out[i * rb + j] - want) < 1e-4);
-    }
+  for (const int64_t ra : {1, 4, 6, 8, 13, 16}) {
+    const int64_t rb = 9, depth = 70;  // a tail of 6 after two 32-wide steps
+    std::vector<bf16> a(ra * depth), b(rb * depth);
+    for (bf16& v : a) v = to_bf16(uni(rng));
+    for (bf16& v : b) v = to_bf16(uni(rng));
+    std::vector<float> out(ra * rb);
+    dot_rows_bf16(a.data(), depth, ra, b.data(), depth, rb, depth, out.data(), rb);
+    for (int64_t i = 0; i < ra; ++i)
+      for (int64_t j = 0; j < rb; ++j) {
+        double want = 0;
+        for (int64_t d = 0; d < depth; ++d)
+          want += double(to_float(a[i * depth + d])) * to_float(b[j * depth + d]);
+        EXPECT(std::fabs(out[i * rb + j] - want) < 1e-4);
+      }
+  }
   std::printf("bfloat16 dot products (AVX-512 BF16) checked\n");
 #else
   std::printf("bfloat16 dot products: not compiled (no AVX-512 BF16 on this target)\n");
