@@ -32,6 +32,11 @@ class GrowingColumns:
     def empty(self) -> bool:
         return self._bufs is None
 
+    @property
+    def capacity(self) -> int:
+        """Columns allocated (0 before the first :meth:`append`)."""
+        return 0 if self._bufs is None else next(iter(self._bufs.values())).shape[1]
+
     def append(self, **columns: torch.Tensor) -> None:
         """Adds ``columns[name] [B, n, ...]`` to each buffer (the same names and ``n`` every
         call; the trailing shape and dtype of the first call). Raises ``ValueError`` on a mismatch."""
@@ -41,7 +46,7 @@ class GrowingColumns:
         if self._bufs is not None and set(columns) != set(self._bufs):
             raise ValueError(f"expected buffers {sorted(self._bufs)}, got {sorted(columns)}")
         need = self.length + ns.pop()
-        cap = 0 if self._bufs is None else next(iter(self._bufs.values())).shape[1]
+        cap = self.capacity
         if need > cap:
             cap = max(need, self.min_capacity, 2 * cap)
             grown = {}

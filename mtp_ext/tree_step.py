@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .cpu_linear import fast_cpu
+from .growing import GrowingColumns
 from .hf_compat import cache_kwarg, cache_layers, last_logits_kwarg
 from .heads import MTPHeads
 from .heads.base import PointFeatures
@@ -94,40 +95,34 @@ class SlotTable:
     """What each row may attend to in the key/value cache: ``valid [B, S]`` bool (left padding,
     and the slots a row did not fill in a step, are False) and ``pos [B, S]`` int64, the position
     id held in each slot (for sliding windows). ``S`` is the cache's length, kept on the host; the
-    buffers behind the views grow by doubling, so a step appends its slots in place (amortized
-    constant cost) instead of concatenating the whole table."""
+    buffers behind the views grow by doubling (:class:`~mtp_ext.growing.GrowingColumns`), so a
+    step appends its slots in place (amortized constant cost) instead of concatenating the whole
+    table."""
 
     def __init__(self, valid: torch.Tensor, pos: torch.Tensor):
-        B, S = valid.shape
-        cap = max(2 * S, 16)
-        self._valid = torch.zeros(B, cap, dtype=torch.bool, device=valid.device)
-        self._pos = torch.zeros(B, cap, dtype=torch.long, device=valid.device)
-        self._valid[:, :S] = valid
-        self._pos[:, :S] = pos
-        self.length = S
+        self._cols = GrowingColumns(min_capacity=max(2 * valid.shape[1], 16))
+        self._cols.append(valid=valid, pos=pos)
+
+    @property
+    def length(self) -> int:
+        return self._cols.length
+
+    @property
+    def capacity(self) -> int:
+        """Columns allocated behind the views."""
+        return self._cols.capacity
 
     @property
     def valid(self) -> torch.Tensor:
-        return self._valid[:, : self.length]
+        return self._cols["valid"]
 
     @property
     def pos(self) -> torch.Tensor:
-        return self._pos[:, : self.length]
+        return self._cols["pos"]
 
     def append(self, valid: torch.Tensor, pos: torch.Tensor) -> None:
         """Adds ``n`` slots per row: ``valid [B, n]`` bool, ``pos [B, n]`` int64."""
-        n = valid.shape[1]
-        need = self.length + n
-        if need > self._valid.shape[1]:
-            cap = max(need, 2 * self._valid.shape[1])
-            grown_v = self._valid.new_zeros(self._valid.shape[0], cap)
-            grown_p = self._pos.new_zeros(self._pos.shape[0], cap)
-            grown_v[:, : self.length] = self.valid
-            grown_p[:, : self.length] = self.pos
-            self._valid, self._pos = grown_v, grown_p
-        self._valid[:, self.length : need] = valid
-        self._pos[:, self.length : need] = pos
-        self.length = need
+        self._cols.append(valid=valid, pos=pos)
 
 
 class HostContexts:

@@ -107,17 +107,17 @@ def test_slot_table_grows_like_concatenation():
     pos = torch.randint(0, 50, (3, 5), generator=g)
     table = SlotTable(valid, pos)
     want_v, want_p = valid, pos
-    first_buffer = table._valid.data_ptr()
+    first_buffer = table.valid.data_ptr()
     grown = False
     for n in [1, 4, 7, 2, 16, 3, 30]:
         v = torch.rand(3, n, generator=g) > 0.5
         p = torch.randint(0, 50, (3, n), generator=g)
         table.append(v, p)
         want_v, want_p = torch.cat([want_v, v], 1), torch.cat([want_p, p], 1)
-        grown |= table._valid.data_ptr() != first_buffer
+        grown |= table.valid.data_ptr() != first_buffer
         assert table.length == want_v.shape[1]
         assert torch.equal(table.valid, want_v) and torch.equal(table.pos, want_p)
-    assert grown and table._valid.shape[1] < 2 * table.length + 16
+    assert grown and table.capacity < 2 * table.length + 16
 
 
 # ------------------------------------------------------------------------------------------------
