@@ -224,8 +224,15 @@ def test_quick_evaluation_records_every_method(tmp_path):
     res = evaluate(model, tok, cfg, items_for=_items())
     recs = res["records"]
     fields = {"model", "dataset", "split", "method", "k", "layer", "offset", "metric", "value",
-              "positions", "model_tokens"}
-    assert all(set(r) == fields for r in recs)
+              "positions", "model_tokens", "windows"}
+    assert all(fields <= set(r) <= fields | {"lo", "hi"} for r in recs)
+    # per-window sums add up to the record; 95% intervals around the value where 2+ windows scored
+    for r in recs:
+        assert sum(c for _, c in r["windows"]) == r["positions"]
+        assert sum(t for t, _ in r["windows"]) == pytest.approx(r["value"] * r["positions"])
+        if sum(c > 0 for _, c in r["windows"]) >= 2:
+            assert r["lo"] <= r["value"] + 1e-12 and r["value"] <= r["hi"] + 1e-12
+    assert any("lo" in r for r in recs)
     methods = {r["method"] for r in recs}
     assert {"ntp", "marginal", "marginal_raw", "marginal_slice", "head_frozen", "head_whs",
             "head_heads-only", "head_joint", "head_joint+difflr", "head_joint+difflr+warmup",

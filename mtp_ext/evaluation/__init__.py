@@ -12,7 +12,11 @@ Teacher-forced over text samples (:mod:`.samples`), for every scored position:
   (:mod:`.head_study`), plus the heads that ship for the model.
 
 Each result is a record ``{model, dataset, split, method, k, layer, offset, metric, value,
-positions, model_tokens}``; :mod:`.report` writes them as JSON, a markdown table and PNG figures.
+positions, model_tokens, windows}`` (``windows``: ``[sum, count]`` per text window), with ``lo``
+and ``hi``, its 95% interval from a bootstrap over windows (:mod:`.intervals`), where two or more
+windows scored it. :mod:`.claims` judges the paper's claims from paired differences of records by
+a stated rule; :mod:`.report` writes records and verdicts as JSON, markdown tables and PNG
+figures with error bars.
 """
 
 from .head_study import HeadStudyConfig

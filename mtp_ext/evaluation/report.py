@@ -7,7 +7,9 @@ import os
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-__all__ = ["write_report", "markdown_tables", "pivot", "plot_figures"]
+from .claims import judge
+
+__all__ = ["write_report", "markdown_tables", "pivot", "plot_figures", "verdict_table"]
 
 _METRICS = ("top1_text", "top5_text", "top1_greedy", "top5_greedy", "nll_text", "mass")
 
@@ -20,15 +22,23 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _fmt_value(r: dict) -> str:
+    """``value``, with its 95% interval ``[lo, hi]`` where the record has one."""
+    if r.get("lo") is None or r.get("hi") is None:
+        return _fmt(r["value"])
+    return f"{r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+
+
 def pivot(records: Iterable[dict], rows: Sequence[str], metrics: Sequence[str] = _METRICS,
           cost: bool = True) -> str:
     """A markdown table: one row per distinct ``rows`` fields, one column per metric (mean
-    values), plus the positions and the tokens the model evaluated per position."""
+    values, with the 95% bootstrap interval over windows in brackets where the record has one),
+    plus the positions and the tokens the model evaluated per position."""
     table: dict[tuple, dict] = {}
     for r in records:
         row = tuple(r[f] for f in rows)
         cell = table.setdefault(row, {"positions": r["positions"], "cost": None})
-        cell[r["metric"]] = r["value"]
+        cell[r["metric"]] = _fmt_value(r)
         if r["metric"] in ("top1_text", "nll_text", "tv_exact"):
             cell["positions"] = r["positions"]
             if r["positions"]:
@@ -37,12 +47,40 @@ def pivot(records: Iterable[dict], rows: Sequence[str], metrics: Sequence[str] =
     head = list(rows) + present + ["positions"] + (["tokens/position"] if cost else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, cell in table.items():
-        vals = [_fmt(x) for x in row] + [_fmt(cell.get(m)) for m in present]
+        vals = [_fmt(x) for x in row] + [cell.get(m, "") for m in present]
         vals.append(str(cell["positions"]))
         if cost:
             vals.append("" if cell["cost"] is None else f"{cell['cost']:.0f}")
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def verdict_table(judged: Sequence[dict]) -> str:
+    """The claims judged for one model (:func:`mtp_ext.evaluation.claims.judge`) as a markdown
+    table: each dataset's difference with its 95% interval, then the verdict."""
+    if not judged:
+        return ""
+    datasets = sorted({ds for j in judged for ds in j["datasets"]})
+    head = ["claim (tested words, source)", "a - b"] + datasets + ["verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in judged:
+        sides = f"{_side(j['a'])} - {_side(j['b'])}, {j['metric']}, t+{j['offset']}"
+        cells = []
+        for ds in datasets:
+            d = j["datasets"].get(ds)
+            cells.append("" if d is None else
+                         f"{d['difference']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+        claim = f"{j['claim']} (\"{j['says']}\", {j['source']})"
+        arrow = "higher" if j["direction"] > 0 else "lower"
+        lines.append("| " + " | ".join([claim, f"{sides} ({arrow} claimed)"] + cells
+                                       + [f"**{j['verdict']}**"]) + " |")
+    return "\n".join(lines) + f"\n\nRule: {judged[0]['rule']}; contradicted when it excludes zero " \
+        "the other way on as many; not reproduced otherwise.\n"
+
+
+def _side(sel: dict) -> str:
+    extra = ", ".join(f"{k} {v}" for k, v in sel.items() if k != "method")
+    return sel["method"] + (f" ({extra})" if extra else "")
 
 
 def _select(records, **want):
@@ -86,6 +124,9 @@ def markdown_tables(records: Sequence[dict]) -> str:
                 continue
             metrics = _METRICS + (("tv_exact",) if "slice" in title else ())
             parts.append(f"### {title}\n\n{pivot(sel, rows, metrics)}\n")
+        table = verdict_table(judge(rs))
+        if table:
+            parts.append(f"### Verdicts\n\n{table}")
     return "\n".join(parts)
 
 
@@ -121,8 +162,18 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
     def series(sel, x_field):
         d = defaultdict(list)
         for r in sel:
-            d[r["dataset"]].append((r[x_field], r["value"]))
-        return {k: sorted(v) for k, v in d.items()}
+            d[r["dataset"]].append((r[x_field], r["value"], r.get("lo"), r.get("hi")))
+        return {k: sorted(v, key=lambda p: p[0]) for k, v in d.items()}
+
+    def draw(ax, pts, style, **kw):
+        """A line through ``(x, value, lo, hi)`` points, with the 95% intervals as error bars
+        where every point has one."""
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
+        if pts and all(p[2] is not None and p[3] is not None for p in pts):
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(x, y, yerr=err, fmt=style, capsize=2, **kw)
+        else:
+            ax.plot(x, y, style, **kw)
 
     # 1. accuracy against k (t+2 and t+3), per model
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
@@ -132,8 +183,7 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
             for metric, style in (("top1_text", "-o"), ("top1_greedy", "--s")):
                 sel = _select(records, model=model, method="marginal", offset=off, metric=metric)
                 for n, (ds, pts) in enumerate(series(sel, "k").items()):
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=f"C{n}",
-                            label=f"{ds} ({metric.split('_')[1]})")
+                    draw(ax, pts, style, color=f"C{n}", label=f"{ds} ({metric.split('_')[1]})")
             _style(ax, "k (intermediate tokens per level)", "top-1 accuracy",
                    f"{model}: marginalization for t+{off}", log2=True)
     _save(fig, out_dir, "accuracy_vs_k.png", paths)
@@ -149,7 +199,7 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
                 ax = axes[i][j]
                 sel = _select(records, model=model, method="head_frozen", offset=2, metric=metric)
                 for n, (ds, pts) in enumerate(series(sel, "layer").items()):
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=f"C{n}", label=ds)
+                    draw(ax, pts, "-o", color=f"C{n}", label=ds)
                     whs = _select(records, model=model, method="head_whs", offset=2, metric=metric,
                                   dataset=ds)
                     if whs:
@@ -184,11 +234,16 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(methods) * 1.2), 4))
         width = 0.8 / max(1, len(datasets))
         for n, ds in enumerate(datasets):
-            vals = []
+            vals, err = [], [[], []]
             for _, want in methods:
                 sel = _select(rs, dataset=ds, **want)
-                vals.append(sel[0]["value"] if sel else 0.0)
-            ax.bar([i + n * width for i in range(len(methods))], vals, width, label=ds)
+                r = sel[0] if sel else {"value": 0.0}
+                vals.append(r["value"])
+                has = r.get("lo") is not None and r.get("hi") is not None
+                err[0].append(r["value"] - r["lo"] if has else 0.0)
+                err[1].append(r["hi"] - r["value"] if has else 0.0)
+            ax.bar([i + n * width for i in range(len(methods))], vals, width, label=ds,
+                   yerr=err, capsize=2)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))])
         ax.set_xticklabels([m[0] for m in methods], rotation=20, ha="right", fontsize=8)
         _style(ax, "", "t+2 top-1 accuracy (text)", f"{model}: predicting t+2")
@@ -204,8 +259,7 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
         for model in models:
             for ds, pts in series(_select(tv, model=model), "k").items():
                 pts = [p for p in pts if p[1] > 0 or p[0] < max(q[0] for q in pts)]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=f"C{n}",
-                        label=f"{model} {ds}")
+                draw(ax, pts, "-o", color=f"C{n}", label=f"{model} {ds}")
                 n += 1
         _style(ax, "k", "total variation to the exact marginal",
                "top-k marginalization converging (t+2)", log2=True)
@@ -216,13 +270,15 @@ def plot_figures(records: Sequence[dict], out_dir: str) -> list[str]:
 
 def write_report(results: Sequence[dict], out_dir: str, plot: bool = False,
                  command: str | None = None) -> dict:
-    """Writes ``results.json`` (every record, timings, configs), ``results.md`` (tables) and,
+    """Writes ``results.json`` (every record with its per-window sums, timings, configs, the
+    claims' verdicts), ``results.md`` (tables with 95% intervals, verdicts) and,
     with ``plot``, PNG figures into ``out_dir``. ``results`` are :func:`evaluate` returns."""
     os.makedirs(out_dir, exist_ok=True)
     records = [r for res in results for r in res["records"]]
     meta = [{k: v for k, v in res.items() if k != "records"} for res in results]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"command": command, "runs": meta, "records": records}, f, indent=1, default=str)
+        json.dump({"command": command, "runs": meta, "records": records,
+                   "verdicts": judge(records)}, f, indent=1, default=str)
     md = "# mtp_ext evaluation\n\n"
     if command:
         md += f"Command: `{command}`\n\n"

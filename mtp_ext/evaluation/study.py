@@ -12,6 +12,7 @@ from .head_study import HeadStudyConfig, TrainedHeads, score_heads, train_head_s
 from .marginal import score_exact, score_marginal, score_ntp, scored_positions
 from .progress import bar as progress_bar, log
 from .samples import DATASETS, Sample, build_samples, load_items, training_windows
+from .intervals import with_intervals
 from .tally import Tally
 
 __all__ = ["EvalConfig", "evaluate", "quick_config"]
@@ -162,12 +163,14 @@ def evaluate(
         tally = Tally()
         bar = progress_bar(config.progress, len(samples), f"{name} {dataset}")
         for i, sample in enumerate(samples):
+            tally.window = i
             _score_sample(tally, model, sample, config, head_sets, i < config.exact_positions)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        records += tally.records(model=name, dataset=dataset, split=config.split)
+        records += with_intervals(tally.records(model=name, dataset=dataset, split=config.split),
+                                  seed=config.seed)
         timing[f"{dataset}_s"] = time.perf_counter() - t0
         log(config.progress, f"{name} {dataset}: {len(samples)} samples in {timing[f'{dataset}_s']:.0f} s")
     timing["train_s_per_head_set"] = {f"{th.method}@{th.layer}": round(th.train_s, 1)
