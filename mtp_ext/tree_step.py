@@ -240,12 +240,18 @@ def _next_token(logits: torch.Tensor, settings, uniforms_fn, ops) -> torch.Tenso
     B, device = logits.shape[0], logits.device
     root_draft = torch.full((B, 1), -1, dtype=torch.long, device=device)
     parents = torch.full((1,), -1, dtype=torch.long, device=device)
-    if settings.do_sample:
-        sampling = (settings.temperature, settings.top_k, settings.top_p, uniforms_fn((B, 1)))
-    else:  # greedy: the sampling settings are ignored, as model.generate ignores them
-        sampling = (0.0, 0, 1.0, None)
-    _, tokens, _ = ops.verify_tree(root_draft, parents, logits[:, None], *sampling)
+    _, tokens, _ = ops.verify_tree(root_draft, parents, logits[:, None],
+                                   *_sampling(settings, uniforms_fn, (B, 1)))
     return tokens[:, 0]
+
+
+def _sampling(settings, uniforms_fn, shape) -> tuple:
+    """``verify_tree``'s ``(temperature, top_k, top_p, uniforms)`` for nodes of ``shape``: the
+    call's settings with ``uniforms_fn``'s uniforms, or greedy (the sampling settings ignored,
+    as ``model.generate`` ignores them)."""
+    if settings.do_sample:
+        return settings.temperature, settings.top_k, settings.top_p, uniforms_fn(shape)
+    return 0.0, 0, 1.0, None
 
 
 def step_linears(model, device: torch.device):
@@ -354,15 +360,10 @@ def verify_step(model, heads: MTPHeads, state: DecodeState, tree: DraftTree, set
         output_hidden_states=not heads.config.reads_last, **cache_kwarg(base, state.cache),
     )
     hidden = out.last_hidden_state
-    if settings.do_sample:
-        logits = logits_from_hidden(model, hidden)
+    if settings.do_sample or rounds_logits(hidden):
         num_acc, tokens, path = ops.verify_tree(
-            tree.tokens, tree.parents, logits, settings.temperature, settings.top_k,
-            settings.top_p, uniforms_fn(tree.tokens.shape),
-        )
-    elif rounds_logits(hidden):
-        num_acc, tokens, path = ops.verify_tree(
-            tree.tokens, tree.parents, logits_from_hidden(model, hidden), 0.0, 0, 1.0, None
+            tree.tokens, tree.parents, logits_from_hidden(model, hidden),
+            *_sampling(settings, uniforms_fn, tree.tokens.shape),
         )
     else:
         # argmax is unchanged by soft-capping: the output layer alone decides greedy tokens.

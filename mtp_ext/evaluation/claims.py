@@ -79,19 +79,21 @@ def _roles(records: Sequence[dict]) -> dict:
             "max": ks[-1] if ks else None}
 
 
-def _pick(records: Sequence[dict], want: dict, roles: dict, dataset: str, metric: str,
+def _resolve(sel: dict, roles: dict) -> dict:
+    """``sel`` with layer and ``k`` roles ("last", "before_last", "max") replaced by this model's
+    values (None where the model has no such layer or ``k``)."""
+    return {f: roles.get(v, v) if isinstance(v, str) and f != "method" else v
+            for f, v in sel.items()}
+
+
+def _pick(records: Sequence[dict], want: dict, dataset: str, metric: str,
           offset: int) -> dict | None:
+    """The record with per-window sums matching the resolved selection ``want``, or None."""
+    if any(v is None for v in want.values()):
+        return None
     for r in records:
-        if (r["dataset"] != dataset or r["metric"] != metric or r["offset"] != offset
-                or not r.get("windows")):
-            continue
-        ok = True
-        for field, value in want.items():
-            value = roles.get(value, value) if isinstance(value, str) and field != "method" else value
-            if value is None or r.get(field) != value:
-                ok = False
-                break
-        if ok:
+        if (r["dataset"] == dataset and r["metric"] == metric and r["offset"] == offset
+                and r.get("windows") and all(r.get(f) == v for f, v in want.items())):
             return r
     return None
 
@@ -107,10 +109,11 @@ def judge(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, need: int =
         roles = _roles(rs)
         datasets = sorted({r["dataset"] for r in rs})
         for claim in claims:
+            a, b = _resolve(claim.a, roles), _resolve(claim.b, roles)
             per: dict[str, dict] = {}
             for ds in datasets:
-                ra = _pick(rs, claim.a, roles, ds, claim.metric, claim.offset)
-                rb = _pick(rs, claim.b, roles, ds, claim.metric, claim.offset)
+                ra = _pick(rs, a, ds, claim.metric, claim.offset)
+                rb = _pick(rs, b, ds, claim.metric, claim.offset)
                 if ra is None or rb is None:
                     break
                 d, lo, hi = difference_interval(ra["windows"], rb["windows"], paired=True,
@@ -118,12 +121,10 @@ def judge(records: Sequence[dict], claims: Sequence[Claim] = CLAIMS, need: int =
                 per[ds] = {"difference": d, "lo": lo, "hi": hi}
             if len(per) != len(datasets) or not per:
                 continue
-            resolve = lambda sel: {f: roles.get(v, v) if isinstance(v, str) and f != "method"  # noqa: E731
-                                   else v for f, v in sel.items()}
             out.append({
                 "model": model, "claim": claim.name, "says": claim.says, "source": claim.source,
                 "direction": claim.direction, "metric": claim.metric, "offset": claim.offset,
-                "a": resolve(claim.a), "b": resolve(claim.b), "datasets": per,
+                "a": a, "b": b, "datasets": per,
                 "verdict": verdict({k: (v["lo"], v["hi"]) for k, v in per.items()},
                                    claim.direction, min(need, len(per))),
                 "rule": f"{int(level * 100)}% paired bootstrap interval over windows excludes zero "

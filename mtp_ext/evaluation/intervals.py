@@ -114,24 +114,27 @@ def _pooled(seeds: list[torch.Tensor]) -> float:
     return sum(float(s[:, 0].sum() / s[:, 1].sum()) for s in seeds) / len(seeds)
 
 
-def _resample(seeds: list[torch.Tensor], n_boot: int, g: torch.Generator) -> torch.Tensor:
+def _draw(seeds: list[torch.Tensor], n_boot: int, g: torch.Generator):
+    """One bootstrap draw: ``(seed indices [n_boot, S, 1], window indices [n_boot, S, W])``."""
     S, W = len(seeds), seeds[0].shape[0]
-    stack = torch.stack(seeds)  # [S, W, 2]
     pick_s = torch.randint(0, S, (n_boot, S), generator=g)
     pick_w = torch.randint(0, W, (n_boot, S, W), generator=g)
-    picked = stack[pick_s[..., None], pick_w]  # [n_boot, S, W, 2]
+    return pick_s[..., None], pick_w
+
+
+def _drawn_ratios(seeds: list[torch.Tensor], draw) -> torch.Tensor:
+    """Per resample, the mean over drawn seeds of sum of sums over sum of counts."""
+    picked = torch.stack(seeds)[draw]  # [n_boot, S, W, 2]
     return (picked[..., 0].sum(-1) / picked[..., 1].sum(-1)).mean(-1)
 
 
+def _resample(seeds: list[torch.Tensor], n_boot: int, g: torch.Generator) -> torch.Tensor:
+    return _drawn_ratios(seeds, _draw(seeds, n_boot, g))
+
+
 def _resample_pair(sa, sb, n_boot: int, g: torch.Generator) -> torch.Tensor:
-    S, W = len(sa), sa[0].shape[0]
-    A, B = torch.stack(sa), torch.stack(sb)
-    pick_s = torch.randint(0, S, (n_boot, S), generator=g)
-    pick_w = torch.randint(0, W, (n_boot, S, W), generator=g)
-    pa, pb = A[pick_s[..., None], pick_w], B[pick_s[..., None], pick_w]
-    ra = (pa[..., 0].sum(-1) / pa[..., 1].sum(-1)).mean(-1)
-    rb = (pb[..., 0].sum(-1) / pb[..., 1].sum(-1)).mean(-1)
-    return ra - rb
+    draw = _draw(sa, n_boot, g)  # one draw serves both sides
+    return _drawn_ratios(sa, draw) - _drawn_ratios(sb, draw)
 
 
 def verdict(intervals: Mapping[str, tuple[float, float]], direction: int = 1,
